@@ -1,0 +1,1 @@
+"""Compute kernels (Triton on CUDA) with torch references beside each op."""

@@ -1,0 +1,1 @@
+"""loramux server: CLI, HTTP API, engine, runner and models."""

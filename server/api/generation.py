@@ -1,0 +1,92 @@
+"""Shared plumbing for completion routes: SamplingParams from a request, fan-out of n x prompts, SSE framing."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import AsyncIterator
+
+from loramux.server.engine.async_engine import StreamDelta
+from loramux.server.engine.request import SamplingParams
+
+from .errors import APIError
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def sse(payload: dict | str) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return f"data: {data}\n\n"
+
+
+def sampling_params(req, max_tokens: int | None, prompt_len: int, max_model_len: int, logprobs: int | None,
+                    stop: list[str]) -> SamplingParams:
+    room = max_model_len - prompt_len
+    if room <= 0:
+        raise APIError(400, f"the prompt has {prompt_len} tokens, which fills the model's context of "
+                            f"{max_model_len} tokens", "prompt", "context_length_exceeded")
+    if max_tokens is None:
+        max_tokens = room
+    elif prompt_len + max_tokens > max_model_len:
+        raise APIError(400, f"this model's maximum context length is {max_model_len} tokens; the prompt has "
+                            f"{prompt_len} and max_tokens asks for {max_tokens} more", "max_tokens",
+                       "context_length_exceeded")
+    return SamplingParams(
+        max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
+        presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+        repetition_penalty=req.repetition_penalty, stop=stop, stop_token_ids=list(req.stop_token_ids or []),
+        ignore_eos=req.ignore_eos, logprobs=logprobs, seed=req.seed)
+
+
+def normalize_stop(stop) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if any(s == "" for s in stops):
+        raise APIError(400, "stop strings must not be empty", "stop")
+    return stops
+
+
+def with_seed(params: SamplingParams, index: int) -> SamplingParams:
+    """Choice `index` of a seeded request uses seed + index, so n choices differ but are reproducible."""
+    if params.seed is None or index == 0:
+        return params
+    from dataclasses import replace
+
+    return replace(params, seed=params.seed + index)
+
+
+async def merge_streams(streams: list[AsyncIterator[StreamDelta]]) -> AsyncIterator[tuple[int, StreamDelta]]:
+    """Interleave several generators as their deltas arrive: yields (choice index, delta)."""
+    if len(streams) == 1:
+        async for delta in streams[0]:
+            yield 0, delta
+        return
+    q: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, it: AsyncIterator[StreamDelta]):
+        try:
+            async for delta in it:
+                await q.put((i, delta))
+        finally:
+            await q.put(done)
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await q.get()
+            if item is done:
+                remaining -= 1
+                continue
+            yield item
+    finally:
+        for t in tasks:  # cancelling a pump runs its generator's cleanup, which aborts the engine request
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,1 @@
+"""Engine: requests, scheduler, block manager, step loop, asyncio bridge, sampler."""

@@ -1,0 +1,113 @@
+"""The synchronous engine: add/abort requests; step() = schedule -> execute -> update."""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+from .block_manager import BlockManager
+from .request import Request, RequestOutput, RequestStatus, SamplingParams, TokenLogprob
+from .scheduler import AdapterGate, ScheduledBatch, Scheduler, SchedulerConfig
+
+log = logging.getLogger("loramux.engine")
+
+
+class RequestError(ValueError):
+    """A request the engine cannot accept (e.g. prompt longer than the context)."""
+
+
+@dataclass
+class StepStats:
+    num_requests: int = 0
+    num_tokens: int = 0
+    step_time: float = 0.0  # seconds, whole step
+    model_time: float = 0.0  # seconds inside the runner's forward + sampling
+
+
+class Engine:
+    """Owns the scheduler and drives a runner with `execute(batch) -> {request_id: (token, TokenLogprob|None)}`."""
+
+    def __init__(self, runner, sched_config: SchedulerConfig, num_blocks: int, block_size: int,
+                 eos_token_ids: list[int], gate: AdapterGate | None = None):
+        self.runner = runner
+        self.config = sched_config
+        self.blocks = BlockManager(num_blocks, block_size)
+        self.scheduler = Scheduler(sched_config, self.blocks, gate)
+        self.eos_token_ids = set(eos_token_ids)
+        self.requests: dict[str, Request] = {}
+        self.last_step = StepStats()
+        self._rng = random.Random()
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    adapter_id: str | None = None) -> Request:
+        if request_id in self.requests:
+            raise RequestError(f"duplicate request id {request_id!r}")
+        if not prompt_token_ids:
+            raise RequestError("the prompt is empty")
+        if len(prompt_token_ids) >= self.config.max_model_len:
+            raise RequestError(f"the prompt has {len(prompt_token_ids)} tokens; the context is "
+                               f"{self.config.max_model_len}, leaving no room to generate")
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        req = Request(request_id, list(prompt_token_ids), params, adapter_id, seed=seed, arrival=time.monotonic())
+        self.requests[request_id] = req
+        self.scheduler.add(req)
+        return req
+
+    def abort(self, request_id: str) -> bool:
+        req = self.scheduler.abort(request_id)
+        self.requests.pop(request_id, None)
+        return req is not None
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
+        batch = self.scheduler.schedule()
+        outputs = [self._finished_output(req, "abort") for req, _ in batch.failed]
+        for req, reason in batch.failed:
+            log.warning("request %s failed: %s", req.request_id, reason)
+            self.requests.pop(req.request_id, None)
+        if batch.empty:
+            self.last_step = StepStats(step_time=time.perf_counter() - t0)
+            return outputs
+        t1 = time.perf_counter()
+        sampled = self.runner.execute(batch)
+        model_time = time.perf_counter() - t1
+        outputs.extend(self._update(batch, sampled))
+        self.last_step = StepStats(len(batch.requests), batch.num_tokens, time.perf_counter() - t0, model_time)
+        return outputs
+
+    def _update(self, batch: ScheduledBatch, sampled: dict) -> list[RequestOutput]:
+        outputs = []
+        for req, n in zip(batch.requests, batch.num_new_tokens):
+            req.num_computed_tokens += n
+            if req.request_id not in sampled:
+                continue  # a prefill chunk that did not reach the end of the prompt
+            token, logprob = sampled[req.request_id]
+            req.output_token_ids.append(token)
+            status = self._check_stop(req, token)
+            if status is not None:
+                self.scheduler.finish(req, status)
+                self.requests.pop(req.request_id, None)
+            outputs.append(RequestOutput(
+                req.request_id, [token], [logprob] if logprob is not None else None, status is not None,
+                status.value if status is not None else None, req.num_prompt_tokens, len(req.output_token_ids)))
+        return outputs
+
+    def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
+        p = req.params
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
+            return RequestStatus.FINISHED_STOPPED
+        if len(req.output_token_ids) >= p.max_tokens or req.num_tokens >= self.config.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    @staticmethod
+    def _finished_output(req: Request, reason: str) -> RequestOutput:
+        return RequestOutput(req.request_id, [], None, True, reason, req.num_prompt_tokens,
+                             len(req.output_token_ids))
+
+
+__all__ = ["Engine", "RequestError", "StepStats", "TokenLogprob"]

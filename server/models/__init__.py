@@ -1,0 +1,1 @@
+"""Model definitions, weight loading, tokenizer, embedded demo model."""

@@ -1,0 +1,20 @@
+"""Per-step batch metadata that every layer reads (positions, KV slots, block tables, LoRA routing)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class ForwardContext:
+    positions: torch.Tensor  # [T] int64, position of each new token in its sequence
+    slot_mapping: torch.Tensor  # [T] int64, flat KV-cache slot (block * block_size + offset)
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    seq_lens: torch.Tensor  # [B] int32, context length including this step's tokens
+    seq_lens_list: list[int]  # same, on the host
+    query_lens: list[int]  # new tokens per sequence this step (sums to T)
+    logits_indices: torch.Tensor  # [B'] int64, rows whose next-token logits are needed
+    lora_meta: Any = None  # kernels.lora.LoRAMeta, or None when no token uses an adapter
+    lora_backend: str = "torch"

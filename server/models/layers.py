@@ -1,0 +1,56 @@
+"""Building blocks of the decoder: RMSNorm and the LoRA-aware packed linear layer."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .forward_context import ForwardContext
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float, dtype, device):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size, dtype=dtype, device=device), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+@dataclass
+class LoRAStacks:
+    """Device-resident adapter weights of one packed linear for all slots (see kernels.lora.add_lora)."""
+
+    a: torch.Tensor  # [S, L*R, K]
+    b: torch.Tensor  # [S, N, R]
+    ranks: torch.Tensor  # [S, L] int32 (0 = slice not targeted in that slot)
+    scales: torch.Tensor  # [S, L] fp32
+
+
+class PackedLinear(nn.Module):
+    """y = x W^T (+ b) for several projections packed along the output (q|k|v, gate|up), plus per-token LoRA."""
+
+    def __init__(self, in_features: int, slice_sizes: list[int], bias: bool, dtype, device):
+        super().__init__()
+        self.in_features = in_features
+        self.slice_sizes = list(slice_sizes)
+        self.slice_offsets = tuple([0] + list(torch.tensor(slice_sizes).cumsum(0).tolist()))
+        n = self.slice_offsets[-1]
+        self.weight = nn.Parameter(torch.empty(n, in_features, dtype=dtype, device=device), requires_grad=False)
+        self.bias = (nn.Parameter(torch.zeros(n, dtype=dtype, device=device), requires_grad=False)
+                     if bias else None)
+        self.lora: LoRAStacks | None = None
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        y = nn.functional.linear(x, self.weight, self.bias)
+        if self.lora is not None and ctx.lora_meta is not None:
+            from loramux.kernels.lora import add_lora
+
+            st = self.lora
+            add_lora(y, x, st.a, st.b, st.ranks, st.scales, self.slice_offsets, ctx.lora_meta,
+                     backend=ctx.lora_backend)
+        return y

@@ -1,0 +1,76 @@
+"""One decoder for Llama 2/3, Mistral and Qwen2: packed qkv / gate_up, GQA, RoPE, paged KV cache."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from loramux.kernels.attention import paged_attention, write_kv
+
+from .forward_context import ForwardContext
+from .layers import PackedLinear, RMSNorm
+from .model_config import ModelConfig
+from .rope import RotaryEmbedding
+
+# LoRA target module -> (packed linear attribute, slice index)
+LORA_TARGETS = {
+    "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2), "o_proj": ("o_proj", 0),
+    "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1), "down_proj": ("down_proj", 0),
+}
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding, dtype, device):
+        super().__init__()
+        self.cfg, self.rope = cfg, rope
+        h = cfg.hidden_size
+        self.input_layernorm = RMSNorm(h, cfg.rms_norm_eps, dtype, device)
+        self.post_attention_layernorm = RMSNorm(h, cfg.rms_norm_eps, dtype, device)
+        self.qkv_proj = PackedLinear(h, [cfg.q_size, cfg.kv_size, cfg.kv_size], cfg.qkv_bias, dtype, device)
+        self.o_proj = PackedLinear(cfg.q_size, [h], cfg.o_bias, dtype, device)
+        self.gate_up_proj = PackedLinear(h, [cfg.intermediate_size] * 2, cfg.mlp_bias, dtype, device)
+        self.down_proj = PackedLinear(cfg.intermediate_size, [h], cfg.mlp_bias, dtype, device)
+        self.scale = cfg.head_dim ** -0.5
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        cfg = self.cfg
+        T = x.shape[0]
+        qkv = self.qkv_proj(self.input_layernorm(x), ctx)
+        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        q = q.reshape(T, cfg.num_heads, cfg.head_dim)
+        k = k.reshape(T, cfg.num_kv_heads, cfg.head_dim)
+        v = v.reshape(T, cfg.num_kv_heads, cfg.head_dim)
+        q, k = self.rope(ctx.positions, q, k)
+        write_kv(k, v, kv[0], kv[1], ctx.slot_mapping)
+        attn = paged_attention(q, kv[0], kv[1], ctx.block_tables, ctx.seq_lens, ctx.seq_lens_list,
+                               ctx.query_lens, self.scale, cfg.sliding_window)
+        x = x + self.o_proj(attn.reshape(T, cfg.q_size), ctx)
+        gate, up = self.gate_up_proj(self.post_attention_layernorm(x), ctx).chunk(2, dim=-1)
+        return x + self.down_proj(nn.functional.silu(gate) * up, ctx)
+
+
+class DecoderModel(nn.Module):
+    """forward(input_ids [T], ctx, kv_caches) -> hidden [T, hidden]; compute_logits(hidden [N, hidden]) -> fp32."""
+
+    def __init__(self, cfg: ModelConfig, max_model_len: int, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device)
+        self.embed_tokens.weight.requires_grad_(False)
+        rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings,
+                               max_model_len, device)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, rope, dtype, device) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        self.lm_head = (None if cfg.tie_word_embeddings else
+                        nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device),
+                                     requires_grad=False))
+
+    def forward(self, input_ids: torch.Tensor, ctx: ForwardContext,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        for layer, kv in zip(self.layers, kv_caches):
+            x = layer(x, ctx, kv)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        w = self.embed_tokens.weight if self.lm_head is None else self.lm_head
+        return nn.functional.linear(hidden, w).float()

@@ -1,0 +1,1 @@
+"""Model runner: batch tensors, forward context, KV cache."""

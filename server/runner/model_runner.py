@@ -1,0 +1,108 @@
+"""ModelRunner: builds the model and KV cache, turns a ScheduledBatch into tensors, runs forward + sampling."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from loramux.server.engine.request import TokenLogprob
+from loramux.server.engine.sampler import SampleRow, Sampler
+from loramux.server.engine.scheduler import ScheduledBatch
+from loramux.server.models.forward_context import ForwardContext
+from loramux.server.models.llama import DecoderModel
+from loramux.server.models.model_config import ModelConfig
+from loramux.server.models.weights import load_weights
+
+log = logging.getLogger("loramux.runner")
+
+
+class ModelRunner:
+    def __init__(self, model_dir: Path, model_config: ModelConfig, dtype: torch.dtype, device: torch.device,
+                 max_model_len: int, block_size: int, num_blocks: int, lora_slots=None,
+                 kernel_backend: str = "torch"):
+        self.cfg, self.dtype, self.device = model_config, dtype, torch.device(device)
+        self.block_size, self.num_blocks = block_size, num_blocks
+        t0 = time.monotonic()
+        self.model = DecoderModel(model_config, max_model_len, dtype, self.device).eval()
+        load_weights(self.model, model_dir)
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        shape = (num_blocks, block_size, model_config.num_kv_heads, model_config.head_dim)
+        self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=self.device),
+                           torch.zeros(shape, dtype=dtype, device=self.device))
+                          for _ in range(model_config.num_layers)]
+        self.kv_bytes = 2 * model_config.num_layers * num_blocks * block_size * model_config.kv_size * \
+            torch.tensor([], dtype=dtype).element_size()
+        self.max_blocks_per_seq = -(-max_model_len // block_size)
+        self.sampler = Sampler(model_config.vocab_size)
+        self.lora_slots = lora_slots  # runner.lora_slots.LoRASlots or None
+        self.kernel_backend = kernel_backend
+        log.info("model ready in %.1fs: weights %.1f MiB, KV cache %d blocks x %d tokens (%.1f MiB)",
+                 time.monotonic() - t0, self.weight_bytes / 2**20, num_blocks, block_size, self.kv_bytes / 2**20)
+
+    @staticmethod
+    def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+        return 2 * cfg.num_layers * block_size * cfg.kv_size * torch.tensor([], dtype=dtype).element_size()
+
+    def _prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, ForwardContext, list[int]]:
+        bs = self.block_size
+        ids, pos, slots, token_lora = [], [], [], []
+        seq_lens, tables, logit_rows, sample_idx = [], [], [], []
+        use_lora = False
+        for i, (req, n) in enumerate(zip(batch.requests, batch.num_new_tokens)):
+            start = req.num_computed_tokens
+            ids.extend(req.token_slice(start, n))
+            pos.extend(range(start, start + n))
+            blocks = req.block_ids
+            slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, start + n))
+            seq_lens.append(start + n)
+            tables.append(blocks)
+            slot = -1
+            if req.adapter_id is not None and self.lora_slots is not None:
+                slot = self.lora_slots.slot_of(req.adapter_id)
+                use_lora = use_lora or slot >= 0
+            token_lora.extend([slot] * n)
+            if start + n == req.num_tokens:  # reached the end: sample the next token
+                logit_rows.append(len(ids) - 1)
+                sample_idx.append(i)
+        dev = self.device
+        width = max(len(t) for t in tables)
+        tables = [t + [0] * (width - len(t)) for t in tables]
+        lora_meta = None
+        if use_lora:
+            lora_meta = self.lora_slots.build_meta(torch.tensor(token_lora, dtype=torch.int32, device=dev))
+        ctx = ForwardContext(
+            positions=torch.tensor(pos, dtype=torch.int64, device=dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            seq_lens_list=seq_lens,
+            query_lens=list(batch.num_new_tokens),
+            logits_indices=torch.tensor(logit_rows, dtype=torch.int64, device=dev),
+            lora_meta=lora_meta,
+            lora_backend=self.kernel_backend,
+        )
+        return torch.tensor(ids, dtype=torch.int64, device=dev), ctx, sample_idx
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> dict[str, tuple[int, TokenLogprob | None]]:
+        input_ids, ctx, sample_idx = self._prepare(batch)
+        hidden = self.model(input_ids, ctx, self.kv_caches)
+        if not sample_idx:
+            return {}
+        logits = self.model.compute_logits(hidden[ctx.logits_indices])
+        rows = []
+        for i in sample_idx:
+            req = batch.requests[i]
+            rows.append(SampleRow(req.params, req.seed, len(req.output_token_ids), req.prompt_token_ids,
+                                  req.output_token_ids))
+        result = self.sampler(logits, rows)
+        return {batch.requests[i].request_id: (tok, lp)
+                for i, tok, lp in zip(sample_idx, result.token_ids, result.logprobs)}
+
+    @torch.inference_mode()
+    def forward_logits(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Logits of every scheduled token (tests compare these with transformers)."""
+        input_ids, ctx, _ = self._prepare(batch)
+        return self.model.compute_logits(self.model(input_ids, ctx, self.kv_caches))
