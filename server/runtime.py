@@ -7,12 +7,15 @@ from pathlib import Path
 
 import torch
 
+from loramux.adapters.errors import AdapterError
+from loramux.server.adapter_service import AdapterService
 from loramux.server.config import ServerConfig
 from loramux.server.engine.async_engine import AsyncEngine
 from loramux.server.engine.engine import Engine
 from loramux.server.engine.scheduler import SchedulerConfig
 from loramux.server.models.model_config import ModelConfig, ModelLoadError
 from loramux.server.models.tokenizer import Tokenizer
+from loramux.server.runner.lora_slots import LoRASlots
 from loramux.server.runner.model_runner import ModelRunner
 
 log = logging.getLogger("loramux")
@@ -58,6 +61,24 @@ def estimate_weight_bytes(m: ModelConfig, dtype: torch.dtype) -> int:
     return params * torch.tensor([], dtype=dtype).element_size()
 
 
+def build_engine(model_dir: Path, mcfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_model_len: int,
+                 num_blocks: int, sched: SchedulerConfig, eos_token_ids: list[int], block_size: int = 16,
+                 kernel_backend: str = "auto", gate=None, lora_slots=None) -> Engine:
+    """Model runner + engine, without tokenizer or HTTP (also used by tests and offline benchmarks)."""
+    runner = ModelRunner(model_dir, mcfg, dtype, device, max_model_len, block_size, num_blocks,
+                         lora_slots=lora_slots, kernel_backend=kernel_backend)
+    return Engine(runner, sched, num_blocks, block_size, eos_token_ids, gate)
+
+
+def attach_adapters(engine: Engine, service: AdapterService) -> None:
+    """Give the engine GPU adapter slots managed by `service` (which also becomes the scheduler's gate)."""
+    runner = engine.runner
+    service.device_slots = LoRASlots(runner.model, service.table.num_slots, service.spec.max_lora_rank,
+                                     runner.dtype, runner.device, service.table)
+    runner.lora_slots = service.device_slots
+    engine.scheduler.gate = service
+
+
 class Runtime:
     """Everything the HTTP layer needs: tokenizer, async engine, served names, adapter resolution."""
 
@@ -80,25 +101,49 @@ class Runtime:
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.tokenizer = Tokenizer.from_dir(model_dir)
         self.vocab_size = mcfg.vocab_size
-        num_blocks = plan_kv_blocks(config, mcfg, self.dtype, self.device, estimate_weight_bytes(mcfg, self.dtype))
         max_len = config.max_model_len or mcfg.max_position_embeddings
+        num_blocks = plan_kv_blocks(config, mcfg, self.dtype, self.device, estimate_weight_bytes(mcfg, self.dtype))
+        # More blocks than max_num_seqs full-length sequences can use is wasted memory.
+        num_blocks = min(num_blocks, config.max_num_seqs * -(-max_len // config.block_size))
         if num_blocks * config.block_size < max_len:
             log.warning("KV cache holds %d tokens, less than max_model_len %d; capping max_model_len",
                         num_blocks * config.block_size, max_len)
             max_len = num_blocks * config.block_size
         self.max_model_len = max_len
-        self.runner = ModelRunner(model_dir, mcfg, self.dtype, self.device, max_len, config.block_size,
-                                  num_blocks, kernel_backend=config.kernel_backend)
         eos = sorted(set(self.tokenizer.eos_token_ids) | set(mcfg.eos_token_ids))
         sched = SchedulerConfig(max_num_seqs=config.max_num_seqs,
                                 max_num_batched_tokens=config.max_num_batched_tokens,
                                 max_model_len=max_len, max_loras=config.max_loras)
-        self.engine = Engine(self.runner, sched, num_blocks, config.block_size, eos)
+        self.engine = build_engine(model_dir, mcfg, self.dtype, self.device, max_len, num_blocks, sched, eos,
+                                   config.block_size, config.kernel_backend)
+        if config.max_loras < 1:
+            raise ModelLoadError("--max-loras must be at least 1")
+        self.adapters = AdapterService(config.resolved_adapter_dir, mcfg.raw, self.dtype, config.max_loras,
+                                       config.max_lora_rank, config.max_cpu_loras)
+        attach_adapters(self.engine, self.adapters)
+        log.info("adapters: %d GPU slots of rank <= %d (%.1f MiB), registry %s", config.max_loras,
+                 config.max_lora_rank, self.adapters.device_slots.nbytes / 2**20, config.resolved_adapter_dir)
+        self._register_startup_adapters(config)
         self.async_engine = AsyncEngine(self.engine, self.tokenizer)
         self.ready = False
         log.info("serving %s on %s (%s): max_model_len %d, %d KV blocks (%d tokens)", self.model_name,
                  self.device, str(self.dtype).replace("torch.", ""), max_len, num_blocks,
                  num_blocks * config.block_size)
+
+    def _register_startup_adapters(self, config: ServerConfig) -> None:
+        for name, path in config.adapters:
+            try:
+                self.adapters.register_dir(name, path)
+            except AdapterError as exc:
+                raise ModelLoadError(f"--adapter {name}={path}: {exc}") from exc
+            log.info("registered adapter %s from %s", name, path)
+        if config.model is None and config.demo_adapters:
+            from loramux.adapters.demo import write_demo_adapters
+
+            for name, path in write_demo_adapters(Path(config.cache_dir) / "demo-adapters", self.model_dir).items():
+                if self.adapters.registry.get(name) is None:
+                    self.adapters.register_dir(name, path, overwrite=False)
+            log.info("demo adapters: %s", ", ".join(sorted(a["id"] for a in self.adapters.list())))
 
     def resolve_model(self, name: str | None, request=None) -> str | None:
         """The adapter id a request's `model` names: None for the base model."""
@@ -106,4 +151,7 @@ class Runtime:
 
         if name is None or name == self.model_name:
             return None
-        raise APIError(404, f"the model {name!r} does not exist", "model", "model_not_found")
+        try:
+            return self.adapters.resolve(name)
+        except AdapterError as exc:
+            raise APIError(exc.status, exc.message, "model", "model_not_found") from exc

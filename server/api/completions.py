@@ -1,16 +1,15 @@
 """POST /v1/completions: OpenAI legacy completions, non-streaming and SSE streaming."""
 from __future__ import annotations
 
-import logging
-
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from .context import set_request_id
 from .errors import APIError
-from .generation import merge_streams, new_id, normalize_stop, now, sampling_params, sse, with_seed
+from .generation import (check_request, guard_sse, merge_streams, new_id, normalize_stop, now, open_stream,
+                         sampling_params, sse, with_seed)
 from .schemas import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, UsageInfo
 
-log = logging.getLogger("loramux.api")
 router = APIRouter()
 
 
@@ -51,9 +50,7 @@ def _logprobs_block(rt, deltas, offset: int) -> CompletionLogprobs:
 @router.post("/v1/completions")
 async def create_completion(body: CompletionRequest, request: Request):
     rt = request.app.state.runtime
-    extra = sorted((body.model_extra or {}).keys())
-    if extra:
-        log.info("ignoring unknown completion fields: %s", ", ".join(extra))
+    check_request(rt, body, "/v1/completions")
     adapter_id = rt.resolve_model(body.model, request)
     if body.echo and body.logprobs is not None:
         raise APIError(400, "echo together with logprobs is not supported", "echo")
@@ -62,17 +59,18 @@ async def create_completion(body: CompletionRequest, request: Request):
     params = [sampling_params(body, body.max_tokens, len(p), rt.max_model_len, body.logprobs, stops)
               for p in prompts]
     rid, created = new_id("cmpl"), now()
+    set_request_id(request, rid)
     model_name = body.model or rt.model_name
     streams, prefixes = [], []
     for pi, ids in enumerate(prompts):
         for j in range(body.n):
             sub = with_seed(params[pi], j)
-            streams.append(rt.async_engine.generate(f"{rid}-{pi}-{j}", ids, sub, adapter_id))
+            streams.append(open_stream(request, f"{rid}-{pi}-{j}", ids, sub, adapter_id))
             prefixes.append(rt.tokenizer.decode(ids) if body.echo else "")
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_stream(rt, rid, created, model_name, streams, prefixes, body.n, include_usage),
-                                 media_type="text/event-stream")
+        events = _stream(rt, rid, created, model_name, streams, prefixes, body.n, include_usage)
+        return StreamingResponse(guard_sse(events), media_type="text/event-stream")
     texts = list(prefixes)
     reasons: list[str | None] = [None] * len(streams)
     deltas: list[list] = [[] for _ in streams]

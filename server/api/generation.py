@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from typing import AsyncIterator
@@ -10,7 +11,9 @@ from typing import AsyncIterator
 from loramux.server.engine.async_engine import StreamDelta
 from loramux.server.engine.request import SamplingParams
 
-from .errors import APIError
+from .errors import APIError, error_body
+
+log = logging.getLogger("loramux.api")
 
 
 def new_id(prefix: str) -> str:
@@ -24,6 +27,44 @@ def now() -> int:
 def sse(payload: dict | str) -> str:
     data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
     return f"data: {data}\n\n"
+
+
+def check_request(rt, body, route: str) -> None:
+    """Checks shared by completions and chat, done before any tokenizing; logs ignored unknown fields."""
+    extra = sorted((body.model_extra or {}).keys())
+    if extra:
+        log.warning("%s: ignoring unknown fields: %s", route, ", ".join(extra))
+    if body.stream_options is not None and not body.stream:
+        raise APIError(400, "stream_options is only allowed when stream is true", "stream_options")
+    if rt.async_engine.dead is not None:
+        raise APIError(503, "the engine has stopped; the server must be restarted")
+
+
+def open_stream(request, engine_request_id: str, prompt_ids: list[int], params: SamplingParams,
+                adapter_id: str | None) -> AsyncIterator[StreamDelta]:
+    """Start one engine sequence; its deltas pass through the app's metrics."""
+    rt = request.app.state.runtime
+    stream = rt.async_engine.generate(engine_request_id, prompt_ids, params, adapter_id)
+    metrics = getattr(request.app.state, "metrics", None)
+    return metrics.track(stream, adapter_id) if metrics is not None else stream
+
+
+async def guard_sse(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """After the 200 is sent, an unexpected failure becomes an SSE error event followed by [DONE]."""
+    try:
+        async for event in events:
+            yield event
+    except Exception as exc:  # noqa: BLE001 (the status line is gone; this is the only way to tell the client)
+        log.exception("stream failed")
+        yield sse(error_body(500, f"generation failed: {exc}"))
+        yield sse("[DONE]")
+
+
+def usage_of(done: dict[int, "StreamDelta"], n: int) -> dict:
+    """OpenAI usage from the final delta of each choice (n choices of one prompt share its prompt tokens)."""
+    prompt = sum(d.prompt_tokens for i, d in done.items() if i % n == 0)
+    completion = sum(d.completion_tokens for d in done.values())
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def sampling_params(req, max_tokens: int | None, prompt_len: int, max_model_len: int, logprobs: int | None,

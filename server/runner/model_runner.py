@@ -37,7 +37,9 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.sampler = Sampler(model_config.vocab_size)
         self.lora_slots = lora_slots  # runner.lora_slots.LoRASlots or None
-        self.kernel_backend = kernel_backend
+        from loramux.kernels.lora import resolve_backend
+
+        self.kernel_backend = resolve_backend(kernel_backend, self.device)  # once, not per layer call
         log.info("model ready in %.1fs: weights %.1f MiB, KV cache %d blocks x %d tokens (%.1f MiB)",
                  time.monotonic() - t0, self.weight_bytes / 2**20, num_blocks, block_size, self.kv_bytes / 2**20)
 
