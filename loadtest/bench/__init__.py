@@ -1,0 +1,1 @@
+"""Offline benchmarks that drive the engine and kernels in-process (unlike the black-box load generator)."""
