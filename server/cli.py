@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(s, "max-cpu-loras", "adapters kept in CPU memory (LRU)", 64, int)
     _flag(s, "kernel-backend", "LoRA kernels: auto (triton on CUDA), triton, torch", "auto",
           choices=["auto", "triton", "torch"])
+    s.add_argument("--enforce-eager", action="store_true", default=_bool_env("enforce-eager"),
+                   help="run decode steps eagerly instead of replaying CUDA graphs [env LORAMUX_ENFORCE_EAGER]")
     s.add_argument("--no-demo-adapters", action="store_true", default=_bool_env("no-demo-adapters"),
                    help="do not register the demo adapters with the embedded model [env LORAMUX_NO_DEMO_ADAPTERS]")
     _flag(s, "log-level", "debug, info, warning, error", "info")
@@ -76,7 +78,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         kv_cache_memory_gb=args.kv_cache_memory_gb, gpu_memory_utilization=args.gpu_memory_utilization,
         cache_dir=args.cache_dir, adapter_dir=args.adapter_dir, adapters=tuple(adapters),
         max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras,
-        kernel_backend=args.kernel_backend, demo_adapters=not args.no_demo_adapters, log_level=args.log_level)
+        kernel_backend=args.kernel_backend, enforce_eager=args.enforce_eager, demo_adapters=not args.no_demo_adapters, log_level=args.log_level)
 
 
 def serve(config: ServerConfig) -> int:

@@ -33,6 +33,7 @@ class ServerConfig:
     max_lora_rank: int = 64
     max_cpu_loras: int = 64
     kernel_backend: str = "auto"
+    enforce_eager: bool = False  # no CUDA graphs for decode
     demo_adapters: bool = True
     log_level: str = "info"
 

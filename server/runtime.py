@@ -124,6 +124,8 @@ class Runtime:
         log.info("adapters: %d GPU slots of rank <= %d (%.1f MiB), registry %s", config.max_loras,
                  config.max_lora_rank, self.adapters.device_slots.nbytes / 2**20, config.resolved_adapter_dir)
         self._register_startup_adapters(config)
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self.engine.runner.enable_cuda_graphs(config.max_num_seqs)
         self.async_engine = AsyncEngine(self.engine, self.tokenizer)
         self.ready = False
         log.info("serving %s on %s (%s): max_model_len %d, %d KV blocks (%d tokens)", self.model_name,

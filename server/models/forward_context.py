@@ -13,8 +13,9 @@ class ForwardContext:
     slot_mapping: torch.Tensor  # [T] int64, flat KV-cache slot (block * block_size + offset)
     block_tables: torch.Tensor  # [B, max_blocks] int32
     seq_lens: torch.Tensor  # [B] int32, context length including this step's tokens
-    seq_lens_list: list[int]  # same, on the host
-    query_lens: list[int]  # new tokens per sequence this step (sums to T)
+    seq_lens_list: list[int] | None  # same, on the host; None in a CUDA-graph decode step
+    query_lens: list[int] | None  # new tokens per sequence (sums to T); None = decode, one token each
     logits_indices: torch.Tensor  # [B'] int64, rows whose next-token logits are needed
     lora_meta: Any = None  # kernels.lora.LoRAMeta, or None when no token uses an adapter
     lora_backend: str = "torch"
+    max_seq_len: int = 0  # static bound on seq_lens (graph-safe decode kernels size their grid by it)

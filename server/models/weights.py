@@ -104,3 +104,14 @@ def load_weights(model, model_dir: Path) -> None:
     for name, param in model.named_parameters():  # rows filled must cover each parameter exactly once
         if filled.get(id(param), 0) != param.shape[0]:
             raise ModelLoadError(f"{model_dir}: checkpoint is missing (or repeats) weights for {name}")
+
+
+@torch.no_grad()
+def init_random_weights(model, seed: int = 0, std: float = 0.02) -> None:
+    """Random weights in place on the model's device (benchmarks of named shapes; no checkpoint)."""
+    g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        else:
+            p.normal_(0.0, std, generator=g)

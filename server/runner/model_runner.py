@@ -13,22 +13,26 @@ from loramux.server.engine.scheduler import ScheduledBatch
 from loramux.server.models.forward_context import ForwardContext
 from loramux.server.models.llama import DecoderModel
 from loramux.server.models.model_config import ModelConfig
-from loramux.server.models.weights import load_weights
+from loramux.server.models.weights import init_random_weights, load_weights
 
 log = logging.getLogger("loramux.runner")
 
 
 class ModelRunner:
-    def __init__(self, model_dir: Path, model_config: ModelConfig, dtype: torch.dtype, device: torch.device,
+    def __init__(self, model_dir: Path | None, model_config: ModelConfig, dtype: torch.dtype, device: torch.device,
                  max_model_len: int, block_size: int, num_blocks: int, lora_slots=None,
                  kernel_backend: str = "torch"):
         self.cfg, self.dtype, self.device = model_config, dtype, torch.device(device)
         self.block_size, self.num_blocks = block_size, num_blocks
         t0 = time.monotonic()
         self.model = DecoderModel(model_config, max_model_len, dtype, self.device).eval()
-        load_weights(self.model, model_dir)
+        if model_dir is None:
+            init_random_weights(self.model)  # a named shape for benchmarks
+        else:
+            load_weights(self.model, model_dir)
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        shape = (num_blocks, block_size, model_config.num_kv_heads, model_config.head_dim)
+        # One extra block past the engine's num_blocks: the scratch block that CUDA-graph padding rows write to.
+        shape = (num_blocks + 1, block_size, model_config.num_kv_heads, model_config.head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=self.device),
                            torch.zeros(shape, dtype=dtype, device=self.device))
                           for _ in range(model_config.num_layers)]
@@ -37,6 +41,9 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.sampler = Sampler(model_config.vocab_size)
         self.lora_slots = lora_slots  # runner.lora_slots.LoRASlots or None
+        self.last_forward_s = 0.0
+        self.max_model_len = max_model_len
+        self.graphs = None  # cuda_graphs.DecodeGraphs once enable_cuda_graphs() ran
         from loramux.kernels.lora import resolve_backend
 
         self.kernel_backend = resolve_backend(kernel_backend, self.device)  # once, not per layer call
@@ -47,7 +54,15 @@ class ModelRunner:
     def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
         return 2 * cfg.num_layers * block_size * cfg.kv_size * torch.tensor([], dtype=dtype).element_size()
 
-    def _prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, ForwardContext, list[int]]:
+    def enable_cuda_graphs(self, max_num_seqs: int) -> None:
+        """Capture decode graphs (CUDA only); call after LoRA slots are attached."""
+        from .cuda_graphs import DecodeGraphs, default_buckets
+
+        self.graphs = DecodeGraphs(self, default_buckets(max_num_seqs), scratch_block=self.num_blocks)
+        self.graphs.capture()
+
+    def _prepare(self, batch: ScheduledBatch):
+        """-> (input_ids [T], ForwardContext, indices of requests to sample, per-token adapter slots or None)."""
         bs = self.block_size
         ids, pos, slots, token_lora = [], [], [], []
         seq_lens, tables, logit_rows, sample_idx = [], [], [], []
@@ -71,9 +86,10 @@ class ModelRunner:
         dev = self.device
         width = max(len(t) for t in tables)
         tables = [t + [0] * (width - len(t)) for t in tables]
-        lora_meta = None
+        lora_meta = token_slots = None
         if use_lora:
-            lora_meta = self.lora_slots.build_meta(torch.tensor(token_lora, dtype=torch.int32, device=dev))
+            token_slots = torch.tensor(token_lora, dtype=torch.int32, device=dev)
+            lora_meta = self.lora_slots.build_meta(token_slots)
         ctx = ForwardContext(
             positions=torch.tensor(pos, dtype=torch.int64, device=dev),
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
@@ -84,16 +100,25 @@ class ModelRunner:
             logits_indices=torch.tensor(logit_rows, dtype=torch.int64, device=dev),
             lora_meta=lora_meta,
             lora_backend=self.kernel_backend,
+            max_seq_len=self.max_model_len,
         )
-        return torch.tensor(ids, dtype=torch.int64, device=dev), ctx, sample_idx
+        return torch.tensor(ids, dtype=torch.int64, device=dev), ctx, sample_idx, token_slots
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> dict[str, tuple[int, TokenLogprob | None]]:
-        input_ids, ctx, sample_idx = self._prepare(batch)
-        hidden = self.model(input_ids, ctx, self.kv_caches)
+        input_ids, ctx, sample_idx, token_slots = self._prepare(batch)
+        t0 = time.perf_counter()
+        n = len(batch.requests)
+        if self.graphs is not None and input_ids.shape[0] == n and self.graphs.bucket_for(n) is not None:
+            logits = self.graphs.run(input_ids, ctx, token_slots)  # decode step: every row is sampled
+        else:
+            hidden = self.model(input_ids, ctx, self.kv_caches)
+            logits = self.model.compute_logits(hidden[ctx.logits_indices]) if sample_idx else None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # timing only; the sampler syncs anyway
+        self.last_forward_s = time.perf_counter() - t0  # model compute, for the engine-overhead benchmark
         if not sample_idx:
             return {}
-        logits = self.model.compute_logits(hidden[ctx.logits_indices])
         rows = []
         for i in sample_idx:
             req = batch.requests[i]
@@ -106,5 +131,5 @@ class ModelRunner:
     @torch.inference_mode()
     def forward_logits(self, batch: ScheduledBatch) -> torch.Tensor:
         """Logits of every scheduled token (tests compare these with transformers)."""
-        input_ids, ctx, _ = self._prepare(batch)
+        input_ids, ctx, _, _ = self._prepare(batch)
         return self.model.compute_logits(self.model(input_ids, ctx, self.kv_caches))
