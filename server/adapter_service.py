@@ -105,7 +105,7 @@ class AdapterService:
     def _describe(self, info) -> dict:
         return {"id": info.adapter_id, "rank": info.rank, "targets": list(info.targets), "size_bytes": info.size,
                 "created": int(info.created), "location": self._location(info.adapter_id), "tenant": info.tenant,
-                "base_model": getattr(info, "base_model", None)}
+                "base_model": info.base_model_name_or_path}
 
     def list(self, tenant: str | None = None) -> list[dict]:
         return [self._describe(i) for i in self.registry.list()
