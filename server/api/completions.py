@@ -1,13 +1,15 @@
 """POST /v1/completions: OpenAI legacy completions, non-streaming and SSE streaming."""
 from __future__ import annotations
 
+from contextlib import aclosing
+
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from .context import set_request_id
-from .errors import APIError
-from .generation import (check_request, guard_sse, merge_streams, new_id, normalize_stop, now, open_stream,
-                         sampling_params, sse, with_seed)
+from .errors import APIError, error_body
+from .generation import (MAX_SEQUENCES, check_request, guard_sse, merge_streams, new_id, normalize_stop, now,
+                         open_stream, sampling_params, sse, unless_disconnected, with_seed)
 from .schemas import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, UsageInfo
 
 router = APIRouter()
@@ -56,6 +58,9 @@ async def create_completion(body: CompletionRequest, request: Request):
         raise APIError(400, "echo together with logprobs is not supported", "echo")
     stops = normalize_stop(body.stop)
     prompts = _prompts(rt, body.prompt)
+    if len(prompts) * body.n > MAX_SEQUENCES:
+        raise APIError(400, f"{len(prompts)} prompts x n={body.n} asks for more than {MAX_SEQUENCES} sequences "
+                            "in one request", "n")
     params = [sampling_params(body, body.max_tokens, len(p), rt.max_model_len, body.logprobs, stops)
               for p in prompts]
     rid, created = new_id("cmpl"), now()
@@ -71,27 +76,32 @@ async def create_completion(body: CompletionRequest, request: Request):
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         events = _stream(rt, rid, created, model_name, streams, prefixes, body.n, include_usage)
         return StreamingResponse(guard_sse(events), media_type="text/event-stream")
-    texts = list(prefixes)
-    reasons: list[str | None] = [None] * len(streams)
-    deltas: list[list] = [[] for _ in streams]
-    usage = UsageInfo()
-    prompt_counted = set()  # prompt indices already in usage (n choices share one prompt)
-    async for i, d in merge_streams(streams):
-        if d.error:
-            raise APIError(503 if "engine" in d.error else 400, d.error)
-        texts[i] += d.text
-        deltas[i].append(d)
-        if d.finish_reason is not None:
-            reasons[i] = d.finish_reason
-            usage.completion_tokens += d.completion_tokens
-            if i // body.n not in prompt_counted:
-                prompt_counted.add(i // body.n)
-                usage.prompt_tokens += d.prompt_tokens
-    usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
-    choices = [CompletionChoice(index=i, text=texts[i], finish_reason=_reason(reasons[i]),
-                                logprobs=_logprobs_block(rt, deltas[i], len(prefixes[i]))
-                                if body.logprobs is not None else None) for i in range(len(streams))]
-    return CompletionResponse(id=rid, created=created, model=model_name, choices=choices, usage=usage)
+
+    async def collect() -> CompletionResponse:
+        texts = list(prefixes)
+        reasons: list[str | None] = [None] * len(streams)
+        deltas: list[list] = [[] for _ in streams]
+        usage = UsageInfo()
+        prompt_counted = set()  # prompt indices already in usage (n choices share one prompt)
+        async with aclosing(merge_streams(streams)) as merged:  # an error closes (aborts) every sequence now
+            async for i, d in merged:
+                if d.error:
+                    raise APIError(503 if "engine" in d.error else 400, d.error)
+                texts[i] += d.text
+                deltas[i].append(d)
+                if d.finish_reason is not None:
+                    reasons[i] = d.finish_reason
+                    usage.completion_tokens += d.completion_tokens
+                    if i // body.n not in prompt_counted:
+                        prompt_counted.add(i // body.n)
+                        usage.prompt_tokens += d.prompt_tokens
+        usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+        choices = [CompletionChoice(index=i, text=texts[i], finish_reason=_reason(reasons[i]),
+                                    logprobs=_logprobs_block(rt, deltas[i], len(prefixes[i]))
+                                    if body.logprobs is not None else None) for i in range(len(streams))]
+        return CompletionResponse(id=rid, created=created, model=model_name, choices=choices, usage=usage)
+
+    return await unless_disconnected(request, collect())
 
 
 def _reason(reason: str | None) -> str | None:
@@ -109,18 +119,19 @@ async def _stream(rt, rid, created, model_name, streams, prefixes, n: int, inclu
     for i, prefix in enumerate(prefixes):
         if prefix:
             yield sse(chunk(i, prefix, None))
-    async for i, d in merge_streams(streams):
-        if d.error:
-            yield sse({"error": {"message": d.error, "type": "server_error", "param": None, "code": None}})
-            break
-        lp = _logprobs_block(rt, [d], 0).model_dump() if d.logprobs else None
-        if d.text or d.finish_reason is not None or lp:
-            yield sse(chunk(i, d.text, _reason(d.finish_reason), lp))
-        if d.finish_reason is not None:
-            usage.completion_tokens += d.completion_tokens
-            if i // n not in counted:
-                counted.add(i // n)
-                usage.prompt_tokens += d.prompt_tokens
+    async with aclosing(merge_streams(streams)) as merged:
+        async for i, d in merged:
+            if d.error:
+                yield sse(error_body(503 if "engine" in d.error else 400, d.error))
+                break
+            lp = _logprobs_block(rt, [d], 0).model_dump() if d.logprobs else None
+            if d.text or d.finish_reason is not None or lp:
+                yield sse(chunk(i, d.text, _reason(d.finish_reason), lp))
+            if d.finish_reason is not None:
+                usage.completion_tokens += d.completion_tokens
+                if i // n not in counted:
+                    counted.add(i // n)
+                    usage.prompt_tokens += d.prompt_tokens
     if include_usage:
         usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
         yield sse({"id": rid, "object": "text_completion", "created": created, "model": model_name,

@@ -6,7 +6,7 @@ import json
 import logging
 import time
 import uuid
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, TypeVar
 
 from loramux.server.engine.async_engine import StreamDelta
 from loramux.server.engine.request import SamplingParams
@@ -14,6 +14,9 @@ from loramux.server.engine.request import SamplingParams
 from .errors import APIError, error_body
 
 log = logging.getLogger("loramux.api")
+T = TypeVar("T")
+MAX_STOP_STRINGS = 16
+MAX_SEQUENCES = 128  # prompts x n of one request (bounds the work one call can queue)
 
 
 def new_id(prefix: str) -> str:
@@ -47,6 +50,27 @@ def open_stream(request, engine_request_id: str, prompt_ids: list[int], params: 
     stream = rt.async_engine.generate(engine_request_id, prompt_ids, params, adapter_id)
     metrics = getattr(request.app.state, "metrics", None)
     return metrics.track(stream, adapter_id) if metrics is not None else stream
+
+
+async def unless_disconnected(request, work: Awaitable[T]) -> T:
+    """Await a non-streaming generation; if the client hangs up first, cancel it (aborting its engine requests)."""
+    task = asyncio.ensure_future(work)
+
+    async def hangup() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(hangup())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        log.info("client disconnected; request aborted")
+        raise APIError(499, "the client closed the connection")
+    return task.result()
 
 
 async def guard_sse(events: AsyncIterator[str]) -> AsyncIterator[str]:
@@ -88,6 +112,8 @@ def sampling_params(req, max_tokens: int | None, prompt_len: int, max_model_len:
 
 def normalize_stop(stop) -> list[str]:
     stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > MAX_STOP_STRINGS:
+        raise APIError(400, f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(stops)}", "stop")
     if any(s == "" for s in stops):
         raise APIError(400, "stop strings must not be empty", "stop")
     return stops
@@ -105,8 +131,11 @@ def with_seed(params: SamplingParams, index: int) -> SamplingParams:
 async def merge_streams(streams: list[AsyncIterator[StreamDelta]]) -> AsyncIterator[tuple[int, StreamDelta]]:
     """Interleave several generators as their deltas arrive: yields (choice index, delta)."""
     if len(streams) == 1:
-        async for delta in streams[0]:
-            yield 0, delta
+        try:
+            async for delta in streams[0]:
+                yield 0, delta
+        finally:  # closing this generator early must close the engine stream (which aborts the request) now
+            await streams[0].aclose()
         return
     q: asyncio.Queue = asyncio.Queue()
     done = object()
