@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -22,16 +23,17 @@ class AdapterService:
     REST-facing operations (upload, list, get, delete; called on the event loop)."""
 
     def __init__(self, root: Path, model_config: dict, dtype: torch.dtype, max_loras: int, max_lora_rank: int,
-                 max_cpu_loras: int):
+                 max_cpu_loras: int, max_adapter_bytes: int = 4 << 30):
         self.dtype = dtype
         self.spec = BaseModelSpec.from_hf_config(model_config, max_lora_rank, str(dtype).replace("torch.", ""))
         Path(root).mkdir(parents=True, exist_ok=True)
-        self.registry = AdapterRegistry(Path(root))
+        self.registry = AdapterRegistry(Path(root), max_adapter_bytes)
         self.cache = CpuAdapterCache(max_cpu_loras)
         self.loader = AdapterLoader(self.registry, self.spec, dtype, self.cache)
         self.table = SlotTable(max_loras)
         self.device_slots = None  # runner.lora_slots.LoRASlots, attached once the model exists
         self.counters = {"gpu_hits": 0, "gpu_loads": 0, "gpu_evictions": 0, "disk_loads": 0, "waits": 0}
+        self.load_seconds = {"gpu": 0.0}  # time spent copying adapters into device slots (engine thread)
         self._pending: set[str] = set()  # ids whose disk -> CPU load this service is waiting for
         self._slot_owner: dict[int, str] = {}  # last adapter written into each device slot
 
@@ -64,7 +66,9 @@ class AdapterService:
             if self._slot_owner.get(slot) not in (None, adapter_id):
                 self.counters["gpu_evictions"] += 1
             self._slot_owner[slot] = adapter_id
+            t0 = time.perf_counter()
             self.device_slots.load(slot, loaded)
+            self.load_seconds["gpu"] += time.perf_counter() - t0
             self.table.mark_loaded(adapter_id)
             self.counters["gpu_loads"] += 1
         return True
@@ -138,7 +142,8 @@ class AdapterService:
                 "loads_total": {"gpu": self.counters["gpu_loads"], "disk": self.counters["disk_loads"]},
                 "evictions_total": {"cpu": cache.get("evictions", 0), "gpu": self.counters["gpu_evictions"]},
                 "hits_total": {"gpu": self.counters["gpu_hits"], "cpu": cache.get("hits", 0)},
-                "waits_total": self.counters["waits"]}
+                "waits_total": self.counters["waits"],
+                "load_seconds_total": dict(self.load_seconds)}
 
     def close(self) -> None:
         self.loader.close()

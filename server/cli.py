@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(s, "max-loras", "adapters resident on the device at once (GPU slots)", 8, int)
     _flag(s, "max-lora-rank", "largest accepted LoRA rank", 64, int)
     _flag(s, "max-cpu-loras", "adapters kept in CPU memory (LRU)", 64, int)
+    _flag(s, "max-adapter-bytes", "largest accepted adapter_model.safetensors in bytes", 4 << 30, int)
     _flag(s, "kernel-backend", "LoRA kernels: auto (triton on CUDA), triton, torch", "auto",
           choices=["auto", "triton", "torch"])
     s.add_argument("--enforce-eager", action="store_true", default=_bool_env("enforce-eager"),
@@ -78,6 +79,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         kv_cache_memory_gb=args.kv_cache_memory_gb, gpu_memory_utilization=args.gpu_memory_utilization,
         cache_dir=args.cache_dir, adapter_dir=args.adapter_dir, adapters=tuple(adapters),
         max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras,
+        max_adapter_bytes=args.max_adapter_bytes,
         kernel_backend=args.kernel_backend, enforce_eager=args.enforce_eager, demo_adapters=not args.no_demo_adapters, log_level=args.log_level)
 
 

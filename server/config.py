@@ -32,6 +32,7 @@ class ServerConfig:
     max_loras: int = 8
     max_lora_rank: int = 64
     max_cpu_loras: int = 64
+    max_adapter_bytes: int = 4 << 30  # largest accepted adapter_model.safetensors (uploads and registrations)
     kernel_backend: str = "auto"
     enforce_eager: bool = False  # no CUDA graphs for decode
     demo_adapters: bool = True

@@ -61,7 +61,7 @@ def estimate_weight_bytes(m: ModelConfig, dtype: torch.dtype) -> int:
     return params * torch.tensor([], dtype=dtype).element_size()
 
 
-def build_engine(model_dir: Path, mcfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_model_len: int,
+def build_engine(model_dir: Path | None, mcfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_model_len: int,
                  num_blocks: int, sched: SchedulerConfig, eos_token_ids: list[int], block_size: int = 16,
                  kernel_backend: str = "auto", gate=None, lora_slots=None) -> Engine:
     """Model runner + engine, without tokenizer or HTTP (also used by tests and offline benchmarks)."""
@@ -85,18 +85,30 @@ class Runtime:
     def __init__(self, config: ServerConfig):
         self.config = config
         self.created = int(time.time())
-        model_dir = config.model
-        if model_dir is None:
-            from loramux.server.models.demo import ensure_demo_model
+        from loramux.server.models.demo import ensure_demo_model
 
+        spec = str(config.model) if config.model is not None else None
+        if spec is None:
             model_dir = ensure_demo_model(Path(config.cache_dir))
             log.info("no --model given: serving the embedded demo model from %s", model_dir)
-        model_dir = Path(model_dir)
-        if not model_dir.is_dir():
-            raise ModelLoadError(f"--model {model_dir}: not a folder")
-        self.model_dir = model_dir
-        self.model_config = mcfg = ModelConfig.from_dir(model_dir)
-        self.model_name = config.served_model_name or model_dir.name
+            mcfg, weights_dir, default_name = ModelConfig.from_dir(model_dir), model_dir, model_dir.name
+        elif spec.startswith("random:"):  # a named shape with random weights (benchmarks and load tests)
+            from loramux.server.models.shapes import shape_config
+
+            try:
+                mcfg = shape_config(spec.split(":", 1)[1])
+            except ValueError as exc:
+                raise ModelLoadError(f"--model {spec}: {exc}") from exc
+            model_dir, weights_dir, default_name = ensure_demo_model(Path(config.cache_dir)), None, spec.replace(":", "-")
+            log.info("serving random weights of shape %s with the embedded byte-level tokenizer", spec)
+        else:
+            model_dir = Path(spec)
+            if not model_dir.is_dir():
+                raise ModelLoadError(f"--model {model_dir}: not a folder")
+            mcfg, weights_dir, default_name = ModelConfig.from_dir(model_dir), model_dir, model_dir.name
+        self.model_dir = model_dir  # tokenizer folder (and weights unless random)
+        self.model_config = mcfg
+        self.model_name = config.served_model_name or default_name
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.tokenizer = Tokenizer.from_dir(model_dir)
@@ -114,12 +126,12 @@ class Runtime:
         sched = SchedulerConfig(max_num_seqs=config.max_num_seqs,
                                 max_num_batched_tokens=config.max_num_batched_tokens,
                                 max_model_len=max_len, max_loras=config.max_loras)
-        self.engine = build_engine(model_dir, mcfg, self.dtype, self.device, max_len, num_blocks, sched, eos,
+        self.engine = build_engine(weights_dir, mcfg, self.dtype, self.device, max_len, num_blocks, sched, eos,
                                    config.block_size, config.kernel_backend)
         if config.max_loras < 1:
             raise ModelLoadError("--max-loras must be at least 1")
         self.adapters = AdapterService(config.resolved_adapter_dir, mcfg.raw, self.dtype, config.max_loras,
-                                       config.max_lora_rank, config.max_cpu_loras)
+                                       config.max_lora_rank, config.max_cpu_loras, config.max_adapter_bytes)
         attach_adapters(self.engine, self.adapters)
         log.info("adapters: %d GPU slots of rank <= %d (%.1f MiB), registry %s", config.max_loras,
                  config.max_lora_rank, self.adapters.device_slots.nbytes / 2**20, config.resolved_adapter_dir)
@@ -153,7 +165,8 @@ class Runtime:
 
         if name is None or name == self.model_name:
             return None
+        tenant = getattr(getattr(request, "state", None), "tenant", None)
         try:
-            return self.adapters.resolve(name)
+            return self.adapters.resolve(name, tenant)
         except AdapterError as exc:
             raise APIError(exc.status, exc.message, "model", "model_not_found") from exc
