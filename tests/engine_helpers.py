@@ -1,6 +1,7 @@
 """Run the offline engine on a model folder and collect each request's tokens (shared by engine tests)."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ def make_engine(model_dir: Path, num_blocks: int = 64, budget: int = 512, max_se
 
 
 def run_all(engine, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
-            adapters: list[str | None] | None = None, max_steps: int = 10_000) -> list[list[int]]:
+            adapters: list[str | None] | None = None, timeout_s: float = 300) -> list[list[int]]:
     """Add every prompt, step until all finish; returns output token ids per prompt."""
     plist = params if isinstance(params, list) else [params] * len(prompts)
     adapters = adapters or [None] * len(prompts)
@@ -30,10 +31,11 @@ def run_all(engine, prompts: list[list[int]], params: SamplingParams | list[Samp
     for i, (p, sp, a) in enumerate(zip(prompts, plist, adapters)):
         engine.add_request(f"q{i}", p, sp, a)
         out[f"q{i}"] = []
-    for _ in range(max_steps):
-        if not engine.has_work():
-            break
+    deadline = time.monotonic() + timeout_s
+    while engine.has_work() and time.monotonic() < deadline:
         for o in engine.step():
             out[o.request_id].extend(o.new_token_ids)
+        if engine.last_step.num_requests == 0:
+            time.sleep(0.001)  # nothing runnable: an adapter is still loading in the background
     assert not engine.has_work(), "engine did not finish"
     return [out[f"q{i}"] for i in range(len(prompts))]

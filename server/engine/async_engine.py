@@ -13,6 +13,7 @@ from .engine import Engine, RequestError
 from .request import RequestOutput, SamplingParams, TokenLogprob
 
 log = logging.getLogger("loramux.async_engine")
+_ABORTED = object()  # queued into a stream by abort_all(): end it now with finish_reason "abort"
 
 
 @dataclass
@@ -62,6 +63,11 @@ class AsyncEngine:
                 outputs = self.engine.step()
                 if outputs:
                     self._loop.call_soon_threadsafe(self._dispatch, outputs)
+                elif self.engine.last_step.num_requests == 0:
+                    # Nothing runnable (e.g. an adapter still loading): wait briefly instead of spinning,
+                    # which would starve the loader threads of the GIL.
+                    self._wake.wait(timeout=0.002)
+                    self._wake.clear()
         except BaseException as exc:  # a crash must not leave clients hanging: fail every open stream
             log.exception("engine thread crashed")
             self.dead = exc
@@ -101,6 +107,12 @@ class AsyncEngine:
     def num_open(self) -> int:
         return len(self._streams)
 
+    def abort_all(self) -> int:
+        """End every open stream now with finish_reason "abort" (and abort its engine request); event loop only."""
+        for q in self._streams.values():
+            q.put_nowait(_ABORTED)
+        return len(self._streams)
+
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
         self._wake.set()
@@ -115,17 +127,23 @@ class AsyncEngine:
         detok = IncrementalDetokenizer(self.tokenizer, prompt_ids)
         stops = StopStringMatcher(params.stop)
         finished = False
+        num_output = 0
         self._commands.put(("add", request_id, prompt_ids, params, adapter_id))
         self._wake.set()
         try:
             while True:
                 out = await q.get()
+                if out is _ABORTED:  # the finally below aborts the engine request
+                    yield StreamDelta("", [], finish_reason="abort", prompt_tokens=len(prompt_ids),
+                                      completion_tokens=num_output)
+                    return
                 if isinstance(out, str):  # rejected or engine failure
                     finished = True
                     yield StreamDelta("", [], finish_reason="abort", prompt_tokens=len(prompt_ids), error=out)
                     return
                 text, stopped = stops.feed(detok.push(out.new_token_ids))
                 reason = out.finish_reason
+                num_output = out.num_output_tokens
                 if stopped:
                     reason = "stop"
                     self.abort(request_id)
