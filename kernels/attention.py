@@ -1,11 +1,18 @@
-"""Paged attention over a block-structured KV cache: cache writes and attention (torch reference path)."""
+"""Paged attention over a block-structured KV cache: cache writes and attention, Triton/torch dispatch."""
 from __future__ import annotations
+
+import functools
+import importlib.util
+import os
 
 import torch
 
+BACKENDS = ("auto", "triton", "torch")
+_TRUE = ("1", "true", "yes", "on")
 
-def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+
+def write_kv_reference(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       slot_mapping: torch.Tensor) -> None:
     """k, v [T, Hkv, D] -> caches [num_blocks, block_size, Hkv, D] at flat slots [T] (int64)."""
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
@@ -19,9 +26,9 @@ def _gather(cache: torch.Tensor, block_tables: torch.Tensor, max_len: int) -> to
     return g.reshape(g.shape[0], nblk * bs, *cache.shape[2:])[:, :max_len]
 
 
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                    seq_lens: torch.Tensor, seq_lens_list: list[int], query_lens: list[int], scale: float,
-                    sliding_window: int | None = None) -> torch.Tensor:
+def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                              block_tables: torch.Tensor, seq_lens: torch.Tensor, seq_lens_list: list[int],
+                              query_lens: list[int], scale: float, sliding_window: int | None = None) -> torch.Tensor:
     """Causal attention of new tokens to their sequence's cached K/V (the new K/V already written).
 
     q [T, H, D] packed by sequence (query_lens[i] tokens each, the last tokens of sequence i);
@@ -64,3 +71,76 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         out[start:start + n] = oi.reshape(n, num_heads, head_dim).to(q.dtype)
         start += n
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def resolve_backend(name: str, device: torch.device | str) -> str:
+    """"auto" | "triton" | "torch" -> "triton" | "torch". "auto" (overridable by env LORAMUX_ATTENTION_BACKEND)
+    means Triton on CUDA when triton imports, torch elsewhere; Triton on CPU needs TRITON_INTERPRET=1."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; expected one of {BACKENDS}")
+    device = torch.device(device)
+    if name == "auto":
+        name = os.environ.get("LORAMUX_ATTENTION_BACKEND", "auto").strip().lower() or "auto"
+        if name not in BACKENDS:
+            raise ValueError(f"LORAMUX_ATTENTION_BACKEND={name!r}; expected one of {BACKENDS}")
+    if name == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if name == "triton":
+        if not triton_available():
+            raise RuntimeError("attention backend 'triton' requested but triton is not installed")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in _TRUE:
+            raise RuntimeError(f"attention backend 'triton' on device {device.type!r} needs TRITON_INTERPRET=1 "
+                               "set before starting Python (slow; tiny models only), or backend 'torch'")
+    return name
+
+
+def _tri():
+    from . import attention_triton  # lazily: CPU installs without triton never import it
+
+    return attention_triton
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor, backend: str = "auto") -> None:
+    """k, v [T, Hkv, D] -> caches [num_blocks, block_size, Hkv, D] at flat slots [T] (int64).
+    Triton: one launch for K and V, strided k/v accepted, slots < 0 skipped (padding rows of a CUDA graph)."""
+    if resolve_backend(backend, k.device) == "torch":
+        write_kv_reference(k, v, k_cache, v_cache, slot_mapping)
+    else:
+        _tri().write_kv(k, v, k_cache, v_cache, slot_mapping)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                    seq_lens: torch.Tensor, seq_lens_list: list[int], query_lens: list[int], scale: float,
+                    sliding_window: int | None = None, backend: str = "auto",
+                    num_kv_splits: int | None = None) -> torch.Tensor:
+    """Causal attention of new tokens to their sequence's cached K/V (the new K/V already written).
+
+    q [T, H, D] packed by sequence (query_lens[i] tokens each, the last tokens of sequence i);
+    block_tables [B, MB] int32; seq_lens [B] int32 (context incl. the new tokens; also as a host list) ->
+    out [T, H, D]. sliding_window w: a query at position p sees keys at positions > p - w. GQA: H % Hkv == 0.
+
+    Triton decode (all query_lens == 1) never reads seq_lens_list: its launch depends only on B, the shapes and
+    the number of KV splits, which defaults to a function of (B, Hkv, MB = block_tables.shape[1], SM count).
+    To capture it in a CUDA graph, pass block tables of a fixed width (max blocks per sequence) or pin
+    num_kv_splits; rows with seq_len 0 produce zeros. Prefill/mixed batches use the host lists (not captured).
+    """
+    if q.shape[1] % k_cache.shape[2] or q.shape[2] != k_cache.shape[3] or len(query_lens) != block_tables.shape[0]:
+        raise ValueError(f"q {tuple(q.shape)}, cache {tuple(k_cache.shape)}, {len(query_lens)} query lens and "
+                         f"block tables {tuple(block_tables.shape)} do not fit")
+    if resolve_backend(backend, q.device) == "torch":
+        return paged_attention_reference(q, k_cache, v_cache, block_tables, seq_lens, seq_lens_list, query_lens,
+                                         scale, sliding_window)
+    tri = _tri()
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    seq_lens = seq_lens.to(torch.int32)
+    if max(query_lens) == 1:  # decode: every sequence has exactly one new token
+        return tri.decode(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, num_kv_splits)
+    cu_q = tri.cu_seqlens(query_lens, q.device)
+    return tri.prefill(q, k_cache, v_cache, block_tables, seq_lens, cu_q, max(query_lens), scale, sliding_window)
