@@ -33,15 +33,17 @@ def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
     q [T, H, D] packed by sequence (query_lens[i] tokens each, the last tokens of sequence i);
     block_tables [B, MB] int32; seq_lens [B] int (context length including the new tokens; also given as a
-    host list so no device sync is needed) -> out [T, H, D].
+    host list so no device sync is needed) -> out [T, H, D]. seq_lens_list / query_lens None: a decode step
+    without host metadata (CUDA-graph style); keys are bounded by the block-table width.
     """
-    max_seq_len = max(seq_lens_list)
+    max_seq_len = max(seq_lens_list) if seq_lens_list is not None else block_tables.shape[1] * k_cache.shape[1]
     num_heads, head_dim = q.shape[1], q.shape[2]
     kv_heads = k_cache.shape[2]
     group = num_heads // kv_heads
     k_all = _gather(k_cache, block_tables, max_seq_len)  # [B, L, Hkv, D]
     v_all = _gather(v_cache, block_tables, max_seq_len)
-    B, max_q = len(query_lens), max(query_lens)
+    B = block_tables.shape[0]
+    max_q = max(query_lens) if query_lens is not None else 1
     dev = q.device
     key_pos = torch.arange(max_seq_len, device=dev)
     seq_lens = seq_lens.to(dev).long()
@@ -116,8 +118,8 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                    seq_lens: torch.Tensor, seq_lens_list: list[int], query_lens: list[int], scale: float,
-                    sliding_window: int | None = None, backend: str = "auto",
+                    seq_lens: torch.Tensor, seq_lens_list: list[int] | None, query_lens: list[int] | None,
+                    scale: float, sliding_window: int | None = None, backend: str = "auto",
                     num_kv_splits: int | None = None) -> torch.Tensor:
     """Causal attention of new tokens to their sequence's cached K/V (the new K/V already written).
 
@@ -130,7 +132,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     To capture it in a CUDA graph, pass block tables of a fixed width (max blocks per sequence) or pin
     num_kv_splits; rows with seq_len 0 produce zeros. Prefill/mixed batches use the host lists (not captured).
     """
-    if q.shape[1] % k_cache.shape[2] or q.shape[2] != k_cache.shape[3] or len(query_lens) != block_tables.shape[0]:
+    decode = query_lens is None or max(query_lens) == 1  # None: graph-captured decode, no host metadata
+    n_seqs = q.shape[0] if query_lens is None else len(query_lens)
+    if q.shape[1] % k_cache.shape[2] or q.shape[2] != k_cache.shape[3] or n_seqs != block_tables.shape[0]:
         raise ValueError(f"q {tuple(q.shape)}, cache {tuple(k_cache.shape)}, {len(query_lens)} query lens and "
                          f"block tables {tuple(block_tables.shape)} do not fit")
     if resolve_backend(backend, q.device) == "torch":
@@ -140,7 +144,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if q.stride(-1) != 1:
         q = q.contiguous()
     seq_lens = seq_lens.to(torch.int32)
-    if max(query_lens) == 1:  # decode: every sequence has exactly one new token
+    if decode:  # every sequence has exactly one new token
         return tri.decode(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, num_kv_splits)
     cu_q = tri.cu_seqlens(query_lens, q.device)
     return tri.prefill(q, k_cache, v_cache, block_tables, seq_lens, cu_q, max(query_lens), scale, sliding_window)

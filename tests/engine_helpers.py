@@ -14,7 +14,7 @@ from loramux.server.runtime import build_engine
 
 def make_engine(model_dir: Path, num_blocks: int = 64, budget: int = 512, max_seqs: int = 32,
                 max_model_len: int = 256, max_loras: int = 4, gate=None, lora_slots=None,
-                kernel_backend: str = "torch"):
+                kernel_backend: str = "auto"):
     cfg = ModelConfig.from_dir(model_dir)
     sched = SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget, max_model_len=max_model_len,
                             max_loras=max_loras)

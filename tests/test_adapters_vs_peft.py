@@ -8,26 +8,19 @@ import pytest
 import torch
 
 from engine_helpers import make_engine, run_all
-from hf_models import build_tiny
+from adapters_world import peft_world
 from loramux.server.adapter_service import AdapterService
 from loramux.server.engine.request import SamplingParams
 from loramux.server.models.model_config import ModelConfig
 from loramux.server.runtime import attach_adapters
-from peft_adapters import ADAPTER_VARIANTS, build_peft_adapter, peft_greedy, peft_logits
+from peft_adapters import peft_greedy, peft_logits
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 
 
-def _world(tmp, kind: str, seed: int):
-    base = build_tiny(kind, tmp / f"{kind}-base", seed=seed, num_hidden_layers=2)
-    adapters = {name: build_peft_adapter(base, tmp / f"{kind}-{name}", seed=i + 10, **kw)
-                for i, (name, kw) in enumerate(ADAPTER_VARIANTS.items())}
-    return base, adapters
-
-
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def world(request, tmp_path_factory):
-    return _world(tmp_path_factory.mktemp(request.param), request.param, seed=3)
+    return peft_world(tmp_path_factory.mktemp(request.param), request.param)
 
 
 def _engine(base, adapters, tmp, max_loras=8, **kw):
@@ -88,7 +81,7 @@ def test_mixed_batch_equals_alone(world, tmp_path):
 
 
 def test_two_slots_eight_adapters_random_interleaving(tmp_path):
-    base, adapters = _world(tmp_path, "llama", seed=4)
+    base, adapters = peft_world(tmp_path, "llama", seed=4)
     extra = {f"{n}-copy": p for n, p in list(adapters.items())[:2]}  # 8 ids in all
     adapters = {**adapters, **extra}
     rng = random.Random(0)

@@ -1,0 +1,83 @@
+"""GPU engine checks (run on the GPU machine): CPU == GPU in fp32, bf16 close to fp32, CUDA graphs == eager."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from engine_helpers import run_all
+from loramux.server.adapter_service import AdapterService
+from loramux.server.engine.request import SamplingParams
+from loramux.server.engine.scheduler import SchedulerConfig
+from loramux.server.models.model_config import ModelConfig
+from loramux.server.runtime import attach_adapters, build_engine
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from adapters_world import peft_world
+
+    return peft_world(tmp_path_factory.mktemp("gpu"))
+
+
+def _engine(base, adapters, tmp, device: str, dtype, graphs: bool, backend: str = "auto"):
+    cfg = ModelConfig.from_dir(base)
+    sched = SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=512, max_model_len=256, max_loras=4)
+    engine = build_engine(base, cfg, dtype, torch.device(device), 256, 128, sched, [], kernel_backend=backend)
+    svc = AdapterService(tmp, cfg.raw, dtype, 4, 32, 16)
+    for name, path in adapters.items():
+        svc.register_dir(name, path)
+    attach_adapters(engine, svc)
+    if graphs:
+        engine.runner.enable_cuda_graphs(16)
+    return engine
+
+
+def _workload():
+    rng = random.Random(0)
+    prompts = [[rng.randrange(1, 300) for _ in range(rng.randint(4, 40))] for _ in range(10)]
+    return prompts
+
+
+def test_gpu_fp32_equals_cpu(world, tmp_path):
+    base, adapters = world
+    names = (list(adapters) + [None, None])[:10]
+    prompts = _workload()
+    cpu = run_all(_engine(base, adapters, tmp_path / "c", "cpu", torch.float32, False, "torch"), prompts, GREEDY,
+                  adapters=names)
+    gpu = run_all(_engine(base, adapters, tmp_path / "g", "cuda", torch.float32, False), prompts, GREEDY,
+                  adapters=names)
+    same = sum(a == b for a, b in zip(cpu, gpu))
+    assert same >= 9, f"only {same}/10 sequences identical between CPU and GPU fp32"
+
+
+def test_cuda_graphs_equal_eager(world, tmp_path):
+    base, adapters = world
+    names = (list(adapters) + [None, None])[:10]
+    prompts = _workload()
+    eager = run_all(_engine(base, adapters, tmp_path / "e", "cuda", torch.bfloat16, False), prompts, GREEDY,
+                    adapters=names)
+    graphs = run_all(_engine(base, adapters, tmp_path / "g", "cuda", torch.bfloat16, True), prompts, GREEDY,
+                     adapters=names)
+    assert graphs == eager
+
+
+def test_bf16_logits_close_to_fp32(world, tmp_path):
+    base, adapters = world
+    name = next(iter(adapters))
+    logits = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        engine = _engine(base, adapters, tmp_path / str(dtype), "cuda", dtype, False)
+        engine.add_request("x", _workload()[0], GREEDY, name)
+        while True:
+            batch = engine.scheduler.schedule()
+            if not batch.empty:
+                break
+        logits[dtype] = engine.runner.forward_logits(batch).float()
+    ref = logits[torch.float32]
+    rel = (logits[torch.bfloat16] - ref).norm() / ref.norm()
+    assert rel < 1e-2, rel
