@@ -7,6 +7,7 @@ import sys
 
 import torch
 
+from loramux.kernels import lora_triton as tri
 from loramux.kernels.lora import add_lora, build_lora_meta
 
 # (name, K, slice widths): Llama-3-8B, GQA 32 q heads / 8 kv heads of 128
@@ -14,6 +15,7 @@ GROUPS = [("qkv", 4096, (4096, 1024, 1024)), ("o", 4096, (4096,)), ("gate_up", 4
           ("down", 14336, (4096,))]
 CASES = [(1, 1), (32, 1), (32, 4), (32, 32), (64, 1), (64, 4), (64, 32), (256, 1), (256, 4), (256, 32),
          (4096, 1), (4096, 4), (4096, 32)]  # (T tokens, D distinct adapters)
+BREAKDOWN, SWEEP = [(1, 1), (32, 32), (256, 32), (4096, 4)], [(32, 32), (4096, 4)]
 
 
 def cuda_time_us(fn, iters: int, warmup: int = 3) -> float:
@@ -97,6 +99,52 @@ def run_case(layer, T: int, D: int, S: int, r: int, dtype, iters: int, copy_bps:
                 triton_gbps=nbytes / (t_graph * 1e-6) / 1e9)
 
 
+def graph_time_us(fn, reps: int = 20, replays: int = 10) -> float:
+    """Device time of fn (a few kernel launches): reps copies captured in one graph, replayed."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    return cuda_time_us(graph.replay, replays, warmup=1) / reps
+
+
+def breakdown(layer, T: int, D: int, S: int, r: int, dtype, copy_bps: float, sweep: bool) -> list[str]:
+    """Per group: shrink and expand alone (device time, byte floor); with sweep, a few launch variants."""
+    g = torch.Generator(device="cuda").manual_seed(7)
+    slots = (torch.arange(T, device="cuda") % D)[torch.randperm(T, generator=g, device="cuda")].to(torch.int32)
+    meta = build_lora_meta(slots, S)
+    esz = torch.finfo(dtype).bits // 8
+    out = []
+    for grp in layer:
+        K, N, L = grp["K"], grp["N"], grp["L"]
+        x = torch.randn(T, K, device="cuda").to(dtype)
+        y = torch.zeros(T, N, device="cuda", dtype=dtype)
+        plan = tri.shrink_plan(T, K, L, r, x.device)
+        buf = torch.zeros(plan["parts"], T, L * r, device="cuda")
+        sb = T * K * esz + D * L * r * K * esz + plan["parts"] * T * L * r * 4
+        eb = D * N * r * esz + 2 * T * N * esz + plan["parts"] * T * L * r * 4
+        ts = graph_time_us(lambda: tri.shrink(x, grp["a"], grp["ranks"], meta, buf, plan))
+        te = graph_time_us(lambda: tri.expand(y, buf, grp["b"], grp["ranks"], grp["scales"], grp["offs"], meta))
+        line = (f"| {T} | {D} | {grp['name']} | {plan['parts']} | {ts:.1f} | {sb / copy_bps * 1e6:.1f} | "
+                f"{te:.1f} | {eb / copy_bps * 1e6:.1f} |")
+        if sweep:
+            alt = []
+            for sk in (1, 2, 4, 8, 16):
+                p2 = tri.shrink_plan(T, K, L, r, x.device, sk)
+                b2 = torch.zeros(p2["parts"], T, L * r, device="cuda")
+                t = graph_time_us(lambda: tri.shrink(x, grp["a"], grp["ranks"], meta, b2, p2))
+                alt.append(f"split{p2['parts']}={t:.1f}")
+            for ni in (1, 2, 4):
+                t = graph_time_us(lambda: tri.expand(y, buf, grp["b"], grp["ranks"], grp["scales"], grp["offs"], meta,
+                                                     n_iters=ni))
+                alt.append(f"nit{ni}={t:.1f}")
+            line += " " + " ".join(alt) + " |"
+        out.append(line)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rank", type=int, default=16)
@@ -104,6 +152,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--json", help="write the raw results here")
+    ap.add_argument("--breakdown", action="store_true", help="also time shrink / expand of each group alone")
+    ap.add_argument("--sweep", action="store_true", help="with --breakdown: try split-K and N-tile variants")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_lora_kernels: needs a CUDA GPU", file=sys.stderr)
@@ -127,8 +177,17 @@ def main(argv=None) -> int:
         bmm_x = f"{w['gather_bmm_us'] / w['triton_graph_us']:.1f}x" if w["gather_bmm_us"] else "-"
         print(f"| {w['T']} | {w['D']} | {w['bytes'] / 1e6:.1f} | {w['floor_us']:.1f} | {w['triton_graph_us']:.1f} | "
               f"{w['triton_graph_us'] / w['floor_us']:.2f} | {w['triton_gbps']:.0f} | "
-              f"{100 * w['triton_gbps'] * 1e9 / copy_bps:.0f}% | {w['triton_eager_us']:.1f} | {w['torch_ref_us']:.1f} | "
+              f"{100 * w['triton_gbps'] * 1e9 / copy_bps:.0f}% | {w['triton_eager_us']:.1f} | "
+              f"{w['torch_ref_us']:.1f} | "
               f"{bmm} | {w['torch_ref_us'] / w['triton_graph_us']:.1f}x | {bmm_x} | {w['meta_us']:.1f} |")
+    if args.breakdown:
+        print("\nper group, device time from CUDA graphs (us); floor = that kernel's bytes / copy bandwidth")
+        print("| T | D | group | split-K parts | shrink us | shrink floor | expand us | expand floor |"
+              + (" sweep (us) |" if args.sweep else ""))
+        print("|---|---|---|---|---|---|---|---|" + ("---|" if args.sweep else ""))
+        for T, D in BREAKDOWN:
+            for line in breakdown(layer, T, D, args.slots, args.rank, dtype, copy_bps, args.sweep and (T, D) in SWEEP):
+                print(line)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=dev, copy_bps=copy_bps, args=vars(args), rows=rows), f, indent=1)

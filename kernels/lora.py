@@ -1,0 +1,207 @@
+"""Multi-LoRA public API: per-step metadata (tokens grouped by slot), shrink/expand/add_lora, backend dispatch."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+
+import torch
+
+from . import lora_reference as _ref
+
+BACKENDS = ("auto", "triton", "torch")
+_TRUE = ("1", "true", "yes", "on")
+
+
+@dataclass
+class LoRAMeta:
+    """Per-step token grouping shared by every LoRA layer. Buffers are sized for max_tokens; entries past
+    num_tokens are stale. Segment of slot s = sorted_tokens[seg_start[s]:seg_start[s+1]]."""
+
+    token_slots: torch.Tensor  # int32 [T_max]: slot per token, -1 = no adapter
+    sorted_tokens: torch.Tensor  # int32 [T_max]: token ids grouped by slot (stable), no-adapter tokens last
+    seg_start: torch.Tensor  # int32 [S+1]: segment starts; seg_start[S] = number of tokens with an adapter
+    num_slots: int  # S
+    num_tokens: int  # T of the step (host int: a captured graph is specific to T anyway)
+    _arange: torch.Tensor  # int32 [T_max] = arange(T_max)
+    _slot_ids: torch.Tensor  # int64 [S+1] = arange(S+1)
+
+    @classmethod
+    def empty(cls, max_tokens: int, num_slots: int, device) -> "LoRAMeta":
+        i32 = dict(dtype=torch.int32, device=device)
+        i64 = dict(dtype=torch.int64, device=device)
+        return cls(torch.full((max_tokens,), -1, **i32), torch.zeros(max_tokens, **i32),
+                   torch.zeros(num_slots + 1, **i32), num_slots, 0, torch.arange(max_tokens, **i32),
+                   torch.arange(num_slots + 1, **i64))
+
+    @property
+    def max_tokens(self) -> int:
+        return self.token_slots.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.token_slots.device
+
+
+def build_lora_meta(token_slots: torch.Tensor, num_slots: int, out: LoRAMeta | None = None) -> LoRAMeta:
+    """token_slots: int32/int64 [T] in [-1, num_slots); -1 = no adapter. Counting sort with elementwise ops,
+    cumsum and scatter only: no host sync and no library sort (CUB sorts are not always capturable), so it can
+    run inside a CUDA graph; deterministic. With `out`, results go into its buffers (temporaries: O(T*S) ints).
+    Values outside [-1, num_slots) are not checked (that would sync)."""
+    if token_slots.dim() != 1:
+        raise ValueError("token_slots must be 1-D [T]")
+    T, S = token_slots.shape[0], num_slots
+    if out is None:
+        out = LoRAMeta.empty(T, S, token_slots.device)
+    elif out.num_slots != S or T > out.max_tokens or out.device != token_slots.device:
+        raise ValueError(f"meta buffers hold {out.max_tokens} tokens x {out.num_slots} slots on {out.device}; "
+                         f"got T={T}, num_slots={S} on {token_slots.device}")
+    out.num_tokens = T
+    if T == 0:
+        out.seg_start.zero_()
+        return out
+    ts = out.token_slots[:T]
+    ts.copy_(token_slots)
+    key = ts.long().masked_fill_(ts < 0, S)  # [T] in [0, S]; no-adapter tokens form the last group
+    hits = out._slot_ids[:, None] == key[None, :]  # [S+1, T] one-hot (bool)
+    seen = hits.cumsum(1, dtype=torch.int32)  # [S+1, T]: group's tokens so far (scan along contiguous T)
+    counts = seen[:, -1]  # [S+1]
+    torch.cumsum(counts, 0, dtype=torch.int32, out=out.seg_start)
+    out.seg_start.sub_(counts)  # exclusive: seg_start[s] = first sorted position of group s
+    pos = seen.gather(0, key[None, :])[0].add_(out.seg_start[key]).sub_(1)  # [T] stable sorted position
+    out.sorted_tokens.scatter_(0, pos.long(), out._arange[:T])
+    return out
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUE
+
+
+def resolve_backend(name: str, device: torch.device | str) -> str:
+    """"auto" | "triton" | "torch" -> "triton" | "torch". "auto" (overridable by env LORAMUX_KERNEL_BACKEND)
+    means Triton on CUDA when triton imports, torch elsewhere; Triton on CPU needs TRITON_INTERPRET=1."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}; expected one of {BACKENDS}")
+    device = torch.device(device)
+    if name == "auto":
+        name = os.environ.get("LORAMUX_KERNEL_BACKEND", "auto").strip().lower() or "auto"
+        if name not in BACKENDS:
+            raise ValueError(f"LORAMUX_KERNEL_BACKEND={name!r}; expected one of {BACKENDS}")
+    if name == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if name == "triton":
+        if not triton_available():
+            raise RuntimeError("kernel backend 'triton' requested but triton is not installed")
+        if device.type != "cuda" and not _interpret():
+            raise RuntimeError(f"kernel backend 'triton' on device {device.type!r} needs the Triton interpreter: "
+                               "set TRITON_INTERPRET=1 before starting Python (slow; tiny models only), "
+                               "or use backend 'torch'")
+    return name
+
+
+def _tri():
+    from . import lora_triton  # imported lazily: CPU installs without triton never import it
+
+    return lora_triton
+
+
+def _check(x, a_stack, ranks, meta) -> tuple[int, int]:
+    """-> (L, R); validates shapes and dtypes (host metadata only, no sync)."""
+    if x.dim() != 2 or a_stack.dim() != 3 or ranks.dim() != 2:
+        raise ValueError("expected x [T, K], a_stack [S, L*R, K], ranks [S, L]")
+    S, L = ranks.shape
+    if a_stack.shape[0] != S or a_stack.shape[2] != x.shape[1] or a_stack.shape[1] % L:
+        raise ValueError(f"a_stack {tuple(a_stack.shape)} does not fit x {tuple(x.shape)}, ranks {tuple(ranks.shape)}")
+    if x.dtype != a_stack.dtype:
+        raise TypeError(f"x is {x.dtype} but a_stack is {a_stack.dtype}")
+    if meta.num_slots != S or meta.num_tokens != x.shape[0]:
+        raise ValueError(f"meta is for T={meta.num_tokens}, S={meta.num_slots}; got T={x.shape[0]}, S={S}")
+    return L, a_stack.shape[1] // L
+
+
+def _check_expand(y, b_stack, ranks, scales, slice_offsets, R) -> None:
+    L = ranks.shape[1]
+    if len(slice_offsets) != L + 1 or slice_offsets[0] != 0 or slice_offsets[-1] != y.shape[1]:
+        raise ValueError(f"slice_offsets {slice_offsets} must be {L + 1} ints from 0 to N={y.shape[1]}")
+    if L > 4:
+        raise ValueError("at most 4 slices per linear group")
+    if tuple(b_stack.shape) != (ranks.shape[0], y.shape[1], R) or tuple(scales.shape) != tuple(ranks.shape):
+        raise ValueError(f"b_stack {tuple(b_stack.shape)} / scales {tuple(scales.shape)} do not fit "
+                         f"y {tuple(y.shape)}, ranks {tuple(ranks.shape)}, R={R}")
+    if y.dtype != b_stack.dtype:
+        raise TypeError(f"y is {y.dtype} but b_stack is {b_stack.dtype}")
+
+
+def _prep(ranks, scales):
+    return ranks.to(torch.int32).contiguous(), scales.to(torch.float32).contiguous()  # no-ops normally
+
+
+def _tri_layout(x, y, a_stack, b_stack):
+    """Triton path wants unit inner strides (x and y may have any row stride: views of wider buffers)."""
+    if y is not None and y.stride(1) != 1:
+        raise ValueError("y must have a unit stride in its last dimension (it is updated in place)")
+    x = x if x is None or x.stride(1) == 1 else x.contiguous()
+    a_stack = a_stack if a_stack is None else a_stack.contiguous()  # no-op for slot stacks (allocated whole)
+    return x, a_stack, (b_stack if b_stack is None else b_stack.contiguous())
+
+
+def lora_shrink(x, a_stack, ranks, meta, out=None, backend="auto") -> torch.Tensor:
+    """x [T, K] @ A^T -> fp32 [T, L*R]. out[t, i*R + j] is written only for slot(t) >= 0 and j < ranks[slot, i];
+    other cells keep their contents (zeros when out is None, as a fresh zeroed buffer is returned)."""
+    L, R = _check(x, a_stack, ranks, meta)
+    ranks = ranks.to(torch.int32)
+    T = x.shape[0]
+    if out is None:
+        out = torch.zeros(T, L * R, dtype=torch.float32, device=x.device)
+    elif out.shape != (T, L * R) or out.dtype != torch.float32:
+        raise ValueError(f"out must be fp32 [{T}, {L * R}]")
+    if resolve_backend(backend, x.device) == "torch":
+        _ref.shrink(x, a_stack, ranks, meta, out)
+    else:
+        tri = _tri()
+        x, a_stack, _ = _tri_layout(x, None, a_stack, None)
+        out3 = out.unsqueeze(0) if out.is_contiguous() else torch.empty_like(out).unsqueeze(0)
+        tri.shrink(x, a_stack, ranks.contiguous(), meta, out3, tri.shrink_plan(T, x.shape[1], L, R, x.device, 1))
+        if out3.data_ptr() != out.data_ptr():
+            out.copy_(out3[0])  # rare: non-contiguous out
+    return out
+
+
+def lora_expand(y, buf, b_stack, ranks, scales, slice_offsets, meta, backend="auto") -> None:
+    """In place: y[t, off_i:off_i+1] += scales[s, i] * buf[t, i*R : i*R+rank] @ b_stack[s, off_i:off_i+1, :rank]^T
+    for s = slot(t) >= 0. buf: fp32 [T, L*R] as returned by lora_shrink."""
+    R = b_stack.shape[2] if b_stack.dim() == 3 else -1
+    _check_expand(y, b_stack, ranks, scales, tuple(slice_offsets), R)
+    if buf.shape != (y.shape[0], ranks.shape[1] * R) or buf.dtype != torch.float32:
+        raise ValueError(f"buf must be fp32 [{y.shape[0]}, {ranks.shape[1] * R}]")
+    if meta.num_slots != ranks.shape[0] or meta.num_tokens != y.shape[0]:
+        raise ValueError("meta does not match y / ranks")
+    ranks, scales = _prep(ranks, scales)
+    if resolve_backend(backend, y.device) == "torch":
+        _ref.expand(y, buf, b_stack, ranks, scales, tuple(slice_offsets), meta)
+    else:
+        _, _, b_stack = _tri_layout(None, y, None, b_stack)
+        _tri().expand(y, buf.contiguous().unsqueeze(0), b_stack, ranks, scales, tuple(slice_offsets), meta)
+
+
+def add_lora(y, x, a_stack, b_stack, ranks, scales, slice_offsets, meta, backend="auto", *,
+             split_k: int | None = None) -> None:
+    """In place, for every token t with s = token_slots[t] >= 0 and every slice i:
+    y[t, off_i:off_i+1] += scales[s, i] * (x[t] @ a_stack[s, i*R : i*R+ranks[s, i]].T)
+                           @ b_stack[s, off_i:off_i+1, :ranks[s, i]].T
+    One shrink and one expand launch (Triton); padding beyond each rank is never read. split_k (Triton only)
+    overrides the split-K heuristic; partial sums are reduced in a fixed order (deterministic, no atomics)."""
+    L, R = _check(x, a_stack, ranks, meta)
+    _check_expand(y, b_stack, ranks, scales, tuple(slice_offsets), R)
+    if y.shape[0] != x.shape[0]:
+        raise ValueError(f"y has {y.shape[0]} rows, x has {x.shape[0]}")
+    ranks, scales = _prep(ranks, scales)
+    if resolve_backend(backend, x.device) == "torch":
+        _ref.add_lora(y, x, a_stack, b_stack, ranks, scales, tuple(slice_offsets), meta)
+        return
+    x, a_stack, b_stack = _tri_layout(x, y, a_stack, b_stack)
+    _tri().add_lora(y, x, a_stack, b_stack, ranks, scales, tuple(slice_offsets), meta, split_k)

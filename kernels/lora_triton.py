@@ -1,0 +1,219 @@
+"""Triton multi-LoRA kernels: segmented (sorted-by-slot) shrink and expand, multi-slice, rank-masked, no atomics."""
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+import torch
+import triton
+import triton.language as tl
+
+# Work decomposition shared by both kernels. Tokens are grouped by slot (meta.sorted_tokens, meta.seg_start);
+# each slot's segment is cut into BLOCK_M-row tiles and the tiles of all slots are numbered consecutively.
+# One grid axis walks that numbering; its size is a host-side bound, cdiv(T, BLOCK_M) + min(S, T), which
+# depends on T and S only (never on slot values), so launches can be captured in CUDA graphs. Programs past
+# the real tile count, and (slot, slice) pairs with rank 0, exit at once. Loop trip counts are constexpr.
+# Layouts (inner dims contiguous): x [T, K], y [T, N] (any row stride), a [S, L*R, K], b [S, N, R],
+# ranks int32 [S, L], scales fp32 [S, L], partial sums fp32 [P, T, L*R].
+
+
+@triton.jit
+def _segment_tile(pid, seg_start_ptr, S, S_POW2: tl.constexpr, BLOCK_M: tl.constexpr):
+    """-> (slot, first row in sorted order, end row of the slot's segment); slot >= S means no work."""
+    s = tl.arange(0, S_POW2)
+    lo = tl.load(seg_start_ptr + s, mask=s < S, other=0)  # [S_POW2]
+    hi = tl.load(seg_start_ptr + s + 1, mask=s < S, other=0)
+    ntile = (hi - lo + BLOCK_M - 1) // BLOCK_M
+    end = tl.cumsum(ntile, 0)  # inclusive tile count per slot
+    slot = tl.sum((end <= pid).to(tl.int32), 0)
+    sel = s == slot
+    first = tl.sum(tl.where(sel, end - ntile, 0), 0)
+    seg_lo = tl.sum(tl.where(sel, lo, 0), 0)
+    seg_hi = tl.sum(tl.where(sel, hi, 0), 0)
+    return slot, seg_lo + (pid - first) * BLOCK_M, seg_hi
+
+
+@triton.jit
+def _shrink_kernel(x_ptr, a_ptr, out_ptr, ranks_ptr, sorted_ptr, seg_start_ptr, T, K, R, S, sx_t,
+                   L: tl.constexpr, S_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+                   BLOCK_K: tl.constexpr, K_ITERS: tl.constexpr, DOT_F32: tl.constexpr):
+    # out[p, t, i*R + j] = sum_{k in split p} x[t, k] * a[slot(t), i*R + j, k]   for j < rank[slot, i]
+    pid_lr = tl.program_id(0)  # (slice, rank tile) fastest: programs sharing x rows run together (L2)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    sl = pid_lr % L
+    r0 = (pid_lr // L) * BLOCK_R
+    slot, row0, seg_hi = _segment_tile(pid_m, seg_start_ptr, S, S_POW2, BLOCK_M)
+    if slot >= S:
+        return
+    rank = tl.load(ranks_ptr + slot * L + sl)
+    if r0 >= rank:
+        return
+    rows = row0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < seg_hi
+    tok = tl.load(sorted_ptr + rows, mask=row_ok, other=0).to(tl.int64)  # [BM] token ids
+    rr = r0 + tl.arange(0, BLOCK_R)
+    r_ok = rr < rank  # rows of A past the rank (padding) are never loaded
+    cols = sl * R + rr  # [BR] row of A = column of out
+    LR = L * R
+    x_rows = x_ptr + tok[:, None] * sx_t  # [BM, 1]
+    a_rows = a_ptr + slot.to(tl.int64) * LR * K + cols[:, None] * K  # [BR, 1]
+    k_lo = pid_k * (K_ITERS * BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for ki in range(K_ITERS):
+        kk = k_lo + ki * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_ok = kk < K
+        xt = tl.load(x_rows + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
+        at = tl.load(a_rows + kk[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)  # [BR, BK]
+        if DOT_F32:
+            acc += tl.dot(xt.to(tl.float32), tl.trans(at).to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(xt, tl.trans(at))
+    o = out_ptr + pid_k.to(tl.int64) * T * LR + tok[:, None] * LR + cols[None, :]
+    tl.store(o, acc, mask=row_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit
+def _expand_kernel(buf_ptr, b_ptr, y_ptr, ranks_ptr, scales_ptr, sorted_ptr, seg_start_ptr,
+                   T, N, R, S, OFF1, OFF2, OFF3, sy_t,
+                   L: tl.constexpr, NUM_PARTS: tl.constexpr, S_POW2: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, R_TILES: tl.constexpr,
+                   N_ITERS: tl.constexpr, EXACT: tl.constexpr):
+    # y[t, n] += scale[s, i] * sum_{j < rank[s, i]} (sum_p buf[p, t, i*R + j]) * b[s, n, j],  n in slice i
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)  # chunk of N_ITERS * BLOCK_N columns inside one slice (slices 0..3 in order)
+    CH = BLOCK_N * N_ITERS
+    c1 = (OFF1 + CH - 1) // CH
+    c2 = c1 + (OFF2 - OFF1 + CH - 1) // CH
+    c3 = c2 + (OFF3 - OFF2 + CH - 1) // CH
+    sl = (pid_n >= c1).to(tl.int32) + (pid_n >= c2).to(tl.int32) + (pid_n >= c3).to(tl.int32)
+    c_lo = tl.where(sl == 0, 0, tl.where(sl == 1, c1, tl.where(sl == 2, c2, c3)))
+    n_lo = tl.where(sl == 0, 0, tl.where(sl == 1, OFF1, tl.where(sl == 2, OFF2, OFF3)))
+    n_hi = tl.where(sl == 0, OFF1, tl.where(sl == 1, OFF2, tl.where(sl == 2, OFF3, N)))
+    slot, row0, seg_hi = _segment_tile(pid_m, seg_start_ptr, S, S_POW2, BLOCK_M)
+    if slot >= S:
+        return
+    rank = tl.load(ranks_ptr + slot * L + sl)
+    if rank == 0:
+        return
+    scale = tl.load(scales_ptr + slot * L + sl)
+    rows = row0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < seg_hi
+    tok = tl.load(sorted_ptr + rows, mask=row_ok, other=0).to(tl.int64)  # [BM]
+    h_rows = buf_ptr + tok[:, None] * (L * R) + sl * R  # [BM, 1]
+    b_base = b_ptr + slot.to(tl.int64) * N * R
+    n0 = n_lo + (pid_n - c_lo) * CH
+    if R_TILES == 1:  # whole rank in one tile: h loaded once per program
+        rr = tl.arange(0, BLOCK_R)
+        r_ok = rr < rank
+        h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for p in tl.static_range(NUM_PARTS):  # fixed-order split-K reduction: deterministic
+            h += tl.load(h_rows + p * T * (L * R) + rr[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+    for it in range(N_ITERS):
+        nn = n0 + it * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = nn < n_hi
+        yp = y_ptr + tok[:, None] * sy_t + nn[None, :]
+        m = row_ok[:, None] & n_ok[None, :]
+        yv = tl.load(yp, mask=m, other=0.0).to(tl.float32)  # issued early: overlaps the B loads
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ri in range(R_TILES):
+            if ri * BLOCK_R < rank:  # rank tiles past the real rank are skipped
+                rr2 = ri * BLOCK_R + tl.arange(0, BLOCK_R)
+                r_ok2 = rr2 < rank
+                if R_TILES > 1:
+                    h2 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+                    for p in tl.static_range(NUM_PARTS):
+                        h2 += tl.load(h_rows + p * T * (L * R) + rr2[None, :],
+                                      mask=row_ok[:, None] & r_ok2[None, :], other=0.0)
+                else:
+                    h2 = h
+                bt = tl.load(b_base + nn[:, None] * R + rr2[None, :], mask=n_ok[:, None] & r_ok2[None, :],
+                             other=0.0).to(tl.float32)  # [BN, BR]
+                # h stays fp32: exact for fp32 models, tf32 (10-bit mantissa, finer than bf16/fp16) otherwise
+                if EXACT:
+                    acc += tl.dot(h2, tl.trans(bt), input_precision="ieee")
+                else:
+                    acc += tl.dot(h2, tl.trans(bt), input_precision="tf32")
+        tl.store(yp, (yv + acc * scale).to(y_ptr.dtype.element_ty), mask=m)
+
+
+def _pow2(n: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(max(int(n), 1)))
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _dot_f32(dtype: torch.dtype) -> bool:
+    """fp32 inputs use exact (ieee, not tf32) dots. The interpreter multiplies bf16 as raw uint16, so there bf16
+    operands are widened to fp32 first (bf16 products are exact in fp32, as on tensor cores)."""
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and _interpret())
+
+
+@lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _block_m(T: int) -> int:
+    return 16 if T <= 64 else (32 if T <= 256 else 64)
+
+
+def shrink_plan(T: int, K: int, L: int, R: int, device: torch.device, split_k: int | None = None) -> dict:
+    """Host-only launch plan (ints derived from shapes, never from device values). parts = split-K partials."""
+    bm, br = _block_m(T), min(64, _pow2(R))
+    bk = 128 if T <= 256 else 64
+    if split_k is None:  # decode: few output tiles, so split K; prefill: split only to fill the SMs
+        tiles = triton.cdiv(T, bm) * L * triton.cdiv(R, br)
+        split_k = K // 512 if T <= 256 else triton.cdiv(2 * _num_sms(device), tiles)
+        split_k = max(1, min(16, split_k, K // 256))
+    bk = max(16, min(bk, _pow2(triton.cdiv(K, split_k))))
+    k_iters = triton.cdiv(triton.cdiv(K, split_k), bk)
+    return dict(bm=bm, br=br, bk=bk, k_iters=k_iters, parts=triton.cdiv(K, k_iters * bk))
+
+
+def shrink(x, a_stack, ranks, meta, out, plan: dict) -> None:
+    """out: fp32 [P, T, L*R] (P = plan['parts']); writes out[p, t, i*R + j] for slot(t) >= 0, j < rank."""
+    T, K = x.shape
+    S, LR, _ = a_stack.shape
+    L = ranks.shape[1]
+    R = LR // L
+    if T == 0 or R == 0:
+        return
+    grid = (L * triton.cdiv(R, plan["br"]), triton.cdiv(T, plan["bm"]) + min(S, T), plan["parts"])
+    _shrink_kernel[grid](
+        x, a_stack, out, ranks, meta.sorted_tokens, meta.seg_start, T, K, R, S, x.stride(0),
+        L=L, S_POW2=_pow2(S, 2), BLOCK_M=plan["bm"], BLOCK_R=plan["br"], BLOCK_K=plan["bk"],
+        K_ITERS=plan["k_iters"], DOT_F32=_dot_f32(x.dtype), num_warps=4, num_stages=3)
+
+
+def expand(y, buf, b_stack, ranks, scales, slice_offsets, meta, n_iters: int | None = None) -> None:
+    """buf: fp32 [P, T, L*R] partial sums (added in order); y [T, N] updated in place."""
+    T, N = y.shape
+    S, _, R = b_stack.shape
+    L = len(slice_offsets) - 1
+    if T == 0 or R == 0:
+        return
+    bm, bn, br = _block_m(T), 128, min(64, _pow2(R))
+    n_iters = n_iters or (2 if T <= 256 else 4)  # column tiles per program (H100 sweep: 2 decode, 4 prefill)
+    offs = list(slice_offsets[1:-1]) + [N] * (4 - L)  # OFF1..OFF3; unused slices are empty
+    ch = bn * n_iters
+    chunks = sum(triton.cdiv(hi - lo, ch) for lo, hi in zip([0] + offs, offs + [N]))
+    grid = (triton.cdiv(T, bm) + min(S, T), chunks)
+    _expand_kernel[grid](
+        buf, b_stack, y, ranks, scales, meta.sorted_tokens, meta.seg_start, T, N, R, S, *offs, y.stride(0),
+        L=L, NUM_PARTS=buf.shape[0], S_POW2=_pow2(S, 2), BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br,
+        R_TILES=triton.cdiv(R, br), N_ITERS=n_iters, EXACT=y.dtype == torch.float32, num_warps=4, num_stages=2)
+
+
+def add_lora(y, x, a_stack, b_stack, ranks, scales, slice_offsets, meta, split_k: int | None = None) -> None:
+    T, K = x.shape
+    L = ranks.shape[1]
+    R = a_stack.shape[1] // L
+    plan = shrink_plan(T, K, L, R, x.device, split_k)
+    buf = torch.empty(plan["parts"], T, L * R, dtype=torch.float32, device=x.device)  # only real-rank cells used
+    shrink(x, a_stack, ranks, meta, buf, plan)
+    expand(y, buf, b_stack, ranks, scales, slice_offsets, meta)
