@@ -1,8 +1,9 @@
-"""AdapterService: registry + CPU cache + loader + GPU slots behind one facade for the API and the scheduler."""
+"""AdapterService: tenant store + CPU cache + loader + GPU slots behind one facade for the API and the scheduler."""
 from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -11,31 +12,36 @@ import torch
 from loramux.adapters.cache import CpuAdapterCache
 from loramux.adapters.errors import NOT_FOUND, AdapterError
 from loramux.adapters.loading import AdapterLoader
-from loramux.adapters.registry import TOKENIZER_FILE, AdapterRegistry
+from loramux.adapters.registry import TOKENIZER_FILE
 from loramux.adapters.slots import SlotTable
 from loramux.adapters.spec import BaseModelSpec
+from loramux.server.adapter_store import AdapterStore, Ref, parse_key
 
 log = logging.getLogger("loramux.adapters")
+FORBIDDEN = 403
 
 
 class AdapterService:
     """Implements the scheduler's AdapterGate (try_acquire / release, called on the engine thread) and the
-    REST-facing operations (upload, list, get, delete; called on the event loop)."""
+    REST-facing operations (upload, list, get, delete; called on the event loop or worker threads).
+    Callers are (tenant, admin): tenant None is the open single-tenant mode (public namespace)."""
 
     def __init__(self, root: Path, model_config: dict, dtype: torch.dtype, max_loras: int, max_lora_rank: int,
                  max_cpu_loras: int, max_adapter_bytes: int = 4 << 30):
         self.dtype = dtype
         self.spec = BaseModelSpec.from_hf_config(model_config, max_lora_rank, str(dtype).replace("torch.", ""))
         Path(root).mkdir(parents=True, exist_ok=True)
-        self.registry = AdapterRegistry(Path(root), max_adapter_bytes)
+        self.store = AdapterStore(Path(root), max_adapter_bytes)
+        self.registry = self.store.public  # the public namespace (startup and demo adapters)
         self.cache = CpuAdapterCache(max_cpu_loras)
-        self.loader = AdapterLoader(self.registry, self.spec, dtype, self.cache)
+        self.loader = AdapterLoader(self.store, self.spec, dtype, self.cache)  # loads by key via store.path_of
         self.table = SlotTable(max_loras)
         self.device_slots = None  # runner.lora_slots.LoRASlots, attached once the model exists
         self.counters = {"gpu_hits": 0, "gpu_loads": 0, "gpu_evictions": 0, "disk_loads": 0, "waits": 0}
         self.load_seconds = {"gpu": 0.0}  # time spent copying adapters into device slots (engine thread)
-        self._pending: set[str] = set()  # ids whose disk -> CPU load this service is waiting for
+        self._pending: set[str] = set()  # keys whose disk -> CPU load this service is waiting for
         self._slot_owner: dict[int, str] = {}  # last adapter written into each device slot
+        self._write_lock = threading.Lock()  # publish + forget of one upload happen together
 
     # ---- engine thread: AdapterGate ----
     def try_acquire(self, adapter_id: str) -> bool:
@@ -77,55 +83,119 @@ class AdapterService:
         self.table.release(adapter_id)
 
     # ---- API side ----
-    def resolve(self, name: str, tenant: str | None = None) -> str:
-        info = self.registry.get(name) if isinstance(name, str) else None
-        if info is None or (tenant is not None and info.tenant not in (None, tenant)):
+    def _find(self, name, tenant: str | None, admin: bool | None) -> Ref:
+        ref = self.store.find(name, tenant, tenant is None if admin is None else admin)
+        if ref is None:
             raise AdapterError(f"the model {str(name)[:128]!r} does not exist", "model", NOT_FOUND)
-        self.loader.request(name)  # warm the CPU cache while the request is queued
-        return name
+        return ref
+
+    def resolve(self, name: str, tenant: str | None = None, admin: bool | None = None, hold: bool = False) -> str:
+        """The engine key of what `name` means for this caller (404 if nothing it may see). With hold=True the
+        version stays on disk until unhold(key), even if the adapter is replaced meanwhile."""
+        ref = self._find(name, tenant, admin)
+        key = self.store.hold_current(ref) if hold else self.store.key(ref)
+        if key is None:  # deleted in between
+            raise AdapterError(f"the model {str(name)[:128]!r} does not exist", "model", NOT_FOUND)
+        self.loader.request(key)  # warm the CPU cache while the request is queued
+        return key
+
+    def unhold(self, key: str) -> None:
+        for gone in self.store.unhold(key):
+            self._forget_key(gone)
 
     def register_dir(self, adapter_id: str, path: Path, overwrite: bool = True) -> dict:
         """Startup registration (--adapter NAME=PATH): validated against the base model, public to all."""
-        self.registry.add_dir(adapter_id, Path(path), None, self.spec, overwrite=overwrite)
-        self._forget(adapter_id)
+        with self._write_lock:
+            self.registry.add_dir(adapter_id, Path(path), None, self.spec, overwrite=overwrite)
+        self._published(Ref(None, adapter_id))
         return self.get(adapter_id)
 
+    def _target(self, name: str, tenant: str | None, admin: bool | None) -> Ref:
+        ref = self.store.target(name, tenant, tenant is None if admin is None else admin)
+        reg = self.store.registry(ref.tenant)
+        if ref.tenant is not None and not (reg is not None and ref.adapter_id in reg) \
+                and ref.adapter_id in self.store.public:  # public ids are known to all: saying so leaks nothing
+            raise AdapterError(f"adapter {ref.adapter_id!r} already exists (a public adapter)", "adapter_id", 409)
+        return ref
+
     def upload(self, adapter_id: str, config_bytes: bytes, weights_bytes: bytes,
-               tokenizer_config: bytes | None = None, tenant: str | None = None) -> dict:
-        self.registry.add_files(adapter_id, config_bytes, weights_bytes, tenant, self.spec,
-                                tokenizer_config=tokenizer_config)
-        self._forget(adapter_id)
-        return self.get(adapter_id, tenant)
+               tokenizer_config: bytes | None = None, tenant: str | None = None, replace: bool = False,
+               admin: bool | None = None) -> dict:
+        ref = self._target(adapter_id, tenant, admin)
+        reg = self.store.registry(ref.tenant, create=True)
+        reg.add_files(ref.adapter_id, config_bytes, weights_bytes, ref.tenant, self.spec, overwrite=replace,
+                      tokenizer_config=tokenizer_config)
+        return self._published(ref, tenant)
 
-    def _forget(self, adapter_id: str) -> None:
-        self.loader.invalidate(adapter_id)
-        self.table.evict(adapter_id)
+    def staging_dir(self) -> Path:
+        """A fresh temporary folder in the store's filesystem for a streamed upload (see upload_staged)."""
+        return self.registry.staging_dir()
 
-    def _location(self, adapter_id: str) -> str:
-        if self.table.is_loaded(adapter_id):
+    def upload_staged(self, adapter_id: str, staged: Path, tenant: str | None = None, replace: bool = False,
+                      admin: bool | None = None) -> dict:
+        """Validate + publish the files streamed into `staged`; the folder is consumed either way."""
+        import shutil
+
+        try:
+            ref = self._target(adapter_id, tenant, admin)
+            reg = self.store.registry(ref.tenant, create=True)
+        except BaseException:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise
+        reg.add_staged(ref.adapter_id, staged, ref.tenant, self.spec, overwrite=replace)
+        return self._published(ref, tenant)
+
+    def _published(self, ref: Ref, tenant: str | None = None) -> dict:
+        """After a new version: unheld older versions leave the disk and every tier; held ones stay."""
+        for gone in self.store.prune(ref):
+            self._forget_key(gone)
+        self._forget_key(ref.qual)  # a bare (unversioned) key means "current": never reuse its old weights
+        info = self.store.info(ref)
+        if info is None:
+            raise AdapterError(f"adapter {ref.adapter_id!r} was deleted meanwhile", "adapter_id", NOT_FOUND)
+        return self._describe(ref, info, tenant)
+
+    def _forget_key(self, key: str) -> None:
+        self.loader.invalidate(key)
+        self.table.evict(key)  # deferred to the last release while running requests hold it
+
+    def _forget(self, ref: Ref) -> None:
+        keys = {k for k in list(self.table.resident()) + self.cache.ids() if parse_key(k)[0] == ref}
+        for key in keys | {ref.qual}:
+            self._forget_key(key)
+
+    def _location(self, key: str) -> str:
+        if self.table.is_loaded(key):
             return "gpu"
-        return "cpu" if adapter_id in self.cache else "disk"
+        return "cpu" if key in self.cache else "disk"
 
-    def _describe(self, info) -> dict:
-        return {"id": info.adapter_id, "rank": info.rank, "targets": list(info.targets), "size_bytes": info.size,
-                "created": int(info.created), "location": self._location(info.adapter_id), "tenant": info.tenant,
-                "base_model": info.base_model_name_or_path}
+    def _describe(self, ref: Ref, info, tenant: str | None) -> dict:
+        key = f"{ref.qual}@{info.version}"
+        return {"id": self.store.name_for(ref, tenant), "rank": info.rank, "targets": list(info.targets),
+                "size_bytes": info.size, "created": int(info.created), "location": self._location(key),
+                "tenant": ref.tenant, "version": info.version, "base_model": info.base_model_name_or_path}
 
-    def list(self, tenant: str | None = None) -> list[dict]:
-        return [self._describe(i) for i in self.registry.list()
-                if tenant is None or i.tenant in (None, tenant)]
+    def list(self, tenant: str | None = None, admin: bool | None = None) -> list[dict]:
+        admin = tenant is None if admin is None else admin
+        return [self._describe(ref, info, tenant) for ref, info in self.store.visible(tenant, admin)]
 
-    def get(self, adapter_id: str, tenant: str | None = None) -> dict:
-        self.resolve(adapter_id, tenant)
-        return self._describe(self.registry.get(adapter_id))
+    def get(self, adapter_id: str, tenant: str | None = None, admin: bool | None = None) -> dict:
+        ref = self._find(adapter_id, tenant, admin)
+        info = self.store.info(ref)
+        if info is None:
+            raise AdapterError(f"the model {str(adapter_id)[:128]!r} does not exist", "model", NOT_FOUND)
+        return self._describe(ref, info, tenant)
 
-    def delete(self, adapter_id: str, tenant: str | None = None) -> None:
-        self.resolve(adapter_id, tenant)
-        self.registry.delete(adapter_id)
-        self._forget(adapter_id)  # a slot still held by running requests is dropped at their last release
+    def delete(self, adapter_id: str, tenant: str | None = None, admin: bool | None = None) -> None:
+        ref = self._find(adapter_id, tenant, admin)
+        if ref.tenant != tenant and not (tenant is None if admin is None else admin):
+            raise AdapterError(f"adapter {ref.adapter_id!r} is public; only an admin may delete it", "adapter_id",
+                               FORBIDDEN)
+        self.store.registry(ref.tenant).delete(ref.adapter_id)
+        self._forget(ref)  # a slot still held by running requests is dropped at their last release
 
     def chat_template(self, adapter_id: str) -> str | None:
-        path = self.registry.path_of(adapter_id)
+        path = self.store.path_of(adapter_id)
         f = path / TOKENIZER_FILE if path is not None else None
         if f is None or not f.is_file():
             return None

@@ -61,6 +61,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-demo-adapters", action="store_true", default=_bool_env("no-demo-adapters"),
                    help="do not register the demo adapters with the embedded model [env LORAMUX_NO_DEMO_ADAPTERS]")
     _flag(s, "log-level", "debug, info, warning, error", "info")
+    h = s.add_argument_group("tenants, limits and shutdown (see docs/operations.md)")
+    _flag(h, "api-keys", "JSON or TOML file: API key (or sha256:HEX) -> tenant and role user|admin; without it the "
+          "server runs open, single-tenant", type=Path)
+    h.add_argument("--public-metrics", action="store_true", default=_bool_env("public-metrics"),
+                   help="with --api-keys, serve /metrics without a key (else it needs an admin key) "
+                        "[env LORAMUX_PUBLIC_METRICS]")
+    _flag(h, "max-n", "most choices (n) per request", 16, int)
+    _flag(h, "max-logprobs", "most logprobs / top_logprobs alternatives", 20, int)
+    _flag(h, "max-stop", "most stop strings (and stop_token_ids) per request", 16, int)
+    _flag(h, "max-stop-length", "longest stop string in characters", 256, int)
+    _flag(h, "max-body-bytes", "largest JSON request body (adapter uploads: --max-adapter-bytes + 16 MiB)",
+          8 << 20, int)
+    _flag(h, "max-header-bytes", "largest request line + headers; over it the answer is 431", 16 << 10, int)
+    _flag(h, "max-connections", "open connections before new ones get 503 (0: no limit)", 1024, int)
+    _flag(h, "max-queued-requests", "sequences admitted beyond --max-num-seqs before new requests get 503", 512, int)
+    _flag(h, "max-concurrent-uploads", "adapter uploads at once; more get 503", 2, int)
+    _flag(h, "rate-limit-requests-per-s", "requests per second per tenant, 0 = unlimited (429 over it)", 0.0, float)
+    _flag(h, "rate-limit-tokens-per-s", "prompt + completion tokens per second per tenant, 0 = unlimited", 0.0, float)
+    _flag(h, "rate-limit-burst-s", "a tenant's bucket holds this many seconds of its rate", 10.0, float)
+    _flag(h, "drain-timeout", "on SIGTERM/SIGINT, seconds running requests get to finish before they are aborted",
+          30.0, float)
     return parser
 
 
@@ -80,23 +101,35 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         cache_dir=args.cache_dir, adapter_dir=args.adapter_dir, adapters=tuple(adapters),
         max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras,
         max_adapter_bytes=args.max_adapter_bytes,
-        kernel_backend=args.kernel_backend, enforce_eager=args.enforce_eager, demo_adapters=not args.no_demo_adapters, log_level=args.log_level)
+        kernel_backend=args.kernel_backend, enforce_eager=args.enforce_eager, demo_adapters=not args.no_demo_adapters,
+        log_level=args.log_level, api_keys=args.api_keys, public_metrics=args.public_metrics, max_n=args.max_n,
+        max_logprobs=args.max_logprobs, max_stop=args.max_stop, max_stop_length=args.max_stop_length,
+        max_body_bytes=args.max_body_bytes, max_header_bytes=args.max_header_bytes,
+        max_connections=args.max_connections, max_queued_requests=args.max_queued_requests,
+        max_concurrent_uploads=args.max_concurrent_uploads, rate_limit_requests_per_s=args.rate_limit_requests_per_s,
+        rate_limit_tokens_per_s=args.rate_limit_tokens_per_s, rate_limit_burst_s=args.rate_limit_burst_s,
+        drain_timeout=args.drain_timeout)
 
 
 def serve(config: ServerConfig) -> int:
-    import uvicorn
-
+    """Run until SIGTERM/SIGINT, then drain (docs/operations.md); 0 after a clean shutdown, 2 on a bad setup."""
     from loramux.server.api.app import create_app
+    from loramux.server.api.auth import KeyFileError, KeyStore
+    from loramux.server.api.serving import build_server
     from loramux.server.models.model_config import ModelLoadError
     from loramux.server.runtime import Runtime
 
+    log = logging.getLogger("loramux")
     try:
+        keys = KeyStore.from_file(config.api_keys) if config.api_keys is not None else None
         runtime = Runtime(config)
-    except (ModelLoadError, FileNotFoundError) as exc:
-        logging.getLogger("loramux").error("%s", exc)
+    except (KeyFileError, ModelLoadError, FileNotFoundError) as exc:
+        log.error("%s", exc)
         return 2
-    app = create_app(runtime)
-    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level, timeout_graceful_shutdown=30)
+    server = build_server(create_app(runtime, keys=keys), config)
+    server.run()
+    if getattr(runtime.adapters, "close", None) is not None:
+        runtime.adapters.close()
     return 0
 
 

@@ -37,6 +37,22 @@ class ServerConfig:
     enforce_eager: bool = False  # no CUDA graphs for decode
     demo_adapters: bool = True
     log_level: str = "info"
+    # ---- tenants and hardening (docs/operations.md) ----
+    api_keys: Path | None = None  # JSON/TOML file of keys -> tenant + role; None = open single-tenant mode
+    public_metrics: bool = False  # with api_keys: /metrics without a key (else it needs an admin key)
+    max_n: int = 16  # choices per request
+    max_logprobs: int = 20  # logprobs / top_logprobs alternatives
+    max_stop: int = 16  # stop strings (and stop_token_ids) per request
+    max_stop_length: int = 256  # characters of one stop string
+    max_body_bytes: int = 8 << 20  # JSON request bodies (uploads: max_adapter_bytes + 16 MiB)
+    max_header_bytes: int = 16 << 10  # request line + headers (h11), over it: 431
+    max_connections: int = 1024  # open connections + tasks before uvicorn answers 503 itself
+    max_queued_requests: int = 512  # sequences admitted beyond max_num_seqs before new requests get 503
+    max_concurrent_uploads: int = 2  # adapter uploads at once (each holds up to max_adapter_bytes)
+    rate_limit_requests_per_s: float = 0.0  # per tenant, 0 = unlimited (per-tenant overrides: the keys file)
+    rate_limit_tokens_per_s: float = 0.0  # prompt + completion tokens per tenant per second, 0 = unlimited
+    rate_limit_burst_s: float = 10.0  # a bucket holds this many seconds of its rate
+    drain_timeout: float = 30.0  # SIGTERM/SIGINT: seconds running requests get before they are aborted
 
     @property
     def resolved_adapter_dir(self) -> Path:

@@ -140,6 +140,7 @@ class Runtime:
             self.engine.runner.enable_cuda_graphs(config.max_num_seqs)
         self.async_engine = AsyncEngine(self.engine, self.tokenizer)
         self.ready = False
+        self.draining = False  # set by a graceful shutdown: /ready and new requests answer 503
         log.info("serving %s on %s (%s): max_model_len %d, %d KV blocks (%d tokens)", self.model_name,
                  self.device, str(self.dtype).replace("torch.", ""), max_len, num_blocks,
                  num_blocks * config.block_size)
@@ -160,13 +161,20 @@ class Runtime:
             log.info("demo adapters: %s", ", ".join(sorted(a["id"] for a in self.adapters.list())))
 
     def resolve_model(self, name: str | None, request=None) -> str | None:
-        """The adapter id a request's `model` names: None for the base model."""
+        """The adapter key a request's `model` names for its caller (None for the base model). When the request
+        carries an admission ticket, the adapter's version is held until the ticket is released."""
         from loramux.server.api.errors import APIError
 
         if name is None or name == self.model_name:
             return None
-        tenant = getattr(getattr(request, "state", None), "tenant", None)
+        state = getattr(request, "state", None)
+        tenant = getattr(state, "tenant", None)
+        admin = getattr(state, "role", "admin" if tenant is None else "user") == "admin"
+        ticket = getattr(state, "ticket", None)
         try:
-            return self.adapters.resolve(name, tenant)
+            key = self.adapters.resolve(name, tenant, admin, hold=ticket is not None)
         except AdapterError as exc:
             raise APIError(exc.status, exc.message, "model", "model_not_found") from exc
+        if ticket is not None:
+            ticket.on_release(lambda: self.adapters.unhold(key))
+        return key

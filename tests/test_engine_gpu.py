@@ -45,7 +45,7 @@ def _workload():
 
 def test_gpu_fp32_equals_cpu(world, tmp_path):
     base, adapters = world
-    names = (list(adapters) + [None, None])[:10]
+    names = (list(adapters) + [None] * 10)[:10]
     prompts = _workload()
     cpu = run_all(_engine(base, adapters, tmp_path / "c", "cpu", torch.float32, False, "torch"), prompts, GREEDY,
                   adapters=names)
@@ -57,7 +57,7 @@ def test_gpu_fp32_equals_cpu(world, tmp_path):
 
 def test_cuda_graphs_equal_eager(world, tmp_path):
     base, adapters = world
-    names = (list(adapters) + [None, None])[:10]
+    names = (list(adapters) + [None] * 10)[:10]
     prompts = _workload()
     eager = run_all(_engine(base, adapters, tmp_path / "e", "cuda", torch.bfloat16, False), prompts, GREEDY,
                     adapters=names)

@@ -1,23 +1,22 @@
-"""Adapters over REST: POST /v1/adapters (multipart upload), GET /v1/adapters, GET/DELETE /v1/adapters/{id}."""
+"""Adapters over REST: POST /v1/adapters, PUT (new version) / GET / DELETE /v1/adapters/{id}, GET /v1/adapters."""
 from __future__ import annotations
 
 import asyncio
-import os
+import shutil
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from starlette.datastructures import UploadFile
-from starlette.requests import Request as RawRequest
 
 from .context import tenant_of
 from .errors import APIError
 from .schemas import AdapterCard, AdapterDeleted, AdapterList
+from .uploads import CONFIG, TOKENIZER, WEIGHTS, read_upload
 
 router = APIRouter()
 
-CONFIG, WEIGHTS, TOKENIZER = "adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json"
 DEFAULT_MAX_ADAPTER_BYTES = 4 << 30  # the registry's own ceiling when --max-adapter-bytes is not set
 SIDE_FILES_BYTES = 16 << 20  # room for adapter_config.json, tokenizer_config.json and multipart framing
+SIDE_FILE_LIMIT = 1 << 20  # each of adapter_config.json and tokenizer_config.json
 
 
 def _service(rt):
@@ -38,95 +37,74 @@ def max_adapter_bytes(rt) -> int:
     return int(getattr(rt.config, "max_adapter_bytes", None) or DEFAULT_MAX_ADAPTER_BYTES)
 
 
-def _limited(receive, limit: int):
-    """An ASGI receive that refuses a body longer than `limit` bytes as it streams in (no Content-Length trust)."""
-    seen = 0
-
-    async def limited_receive():
-        nonlocal seen
-        message = await receive()
-        if message["type"] == "http.request":
-            seen += len(message.get("body", b""))
-            if seen > limit:
-                raise APIError(413, f"the upload is larger than the limit of {limit} bytes", "file",
-                               "adapter_too_large")
-        return message
-
-    return limited_receive
+def _caller(request: Request) -> tuple[str | None, bool]:
+    tenant = tenant_of(request)
+    return tenant, getattr(request.state, "role", "admin" if tenant is None else "user") == "admin"
 
 
-async def _read_upload(request: Request, limit: int) -> tuple[str, dict[str, bytes]]:
-    """(id, {file name: bytes}) from a multipart body; each file is named by its field name or its filename."""
-    ctype = request.headers.get("content-type", "")
-    if not ctype.lower().startswith("multipart/form-data"):
-        raise APIError(400, f"upload an adapter as multipart/form-data with files {CONFIG} and {WEIGHTS} "
-                            f"(optionally {TOKENIZER}) and a form field id", "file")
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limit:
-        raise APIError(413, f"the upload has {length} bytes, more than the limit of {limit} bytes", "file",
-                       "adapter_too_large")
-    form = await RawRequest(request.scope, _limited(request.receive, limit)).form(max_files=8, max_fields=8)
+async def _upload(request: Request, path_id: str | None, replace: bool) -> JSONResponse:
+    rt = request.app.state.runtime
+    service = _service(rt)
+    tenant, admin = _caller(request)
+    if getattr(rt, "draining", False):
+        raise APIError(503, "the server is shutting down", None, "server_draining", {"Retry-After": "1"})
+    ticket = request.app.state.admission.admit(tenant, 1, 0, kind="upload")  # 503 when too many run at once
+    staged = await asyncio.to_thread(service.staging_dir)
     try:
-        adapter_id, files = None, {}
-        for key, value in form.multi_items():
-            if isinstance(value, UploadFile):
-                name = key if key in (CONFIG, WEIGHTS, TOKENIZER) else os.path.basename(value.filename or "")
-                if name not in (CONFIG, WEIGHTS, TOKENIZER):
-                    raise APIError(400, f"unexpected file {name or key!r}; send {CONFIG}, {WEIGHTS} and "
-                                        f"optionally {TOKENIZER}", "file")
-                if name in files:
-                    raise APIError(400, f"{name} was sent twice", "file")
-                files[name] = await value.read()
-            elif key == "id":
-                adapter_id = value
-            else:
-                raise APIError(400, f"unexpected form field {key!r}; the only field is id", key)
+        limit = max_adapter_bytes(rt)
+        form_id, files = await read_upload(request, staged, limit, SIDE_FILE_LIMIT, limit + SIDE_FILES_BYTES)
+        if path_id is not None and form_id not in (None, path_id):
+            raise APIError(400, f"the form field id {form_id[:64]!r} differs from the id in the path", "id")
+        adapter_id = path_id if path_id is not None else form_id
+        if not adapter_id:
+            raise APIError(400, "the form field id (the adapter's name) is required", "id")
+        for name in (CONFIG, WEIGHTS):
+            if name not in files:
+                raise APIError(400, f"the upload has no {name}", "file")
+        # Validation reads the files and publishes by rename: keep it off the event loop.
+        summary = await asyncio.to_thread(service.upload_staged, adapter_id, staged, tenant, replace, admin)
     finally:
-        await form.close()
-    if not adapter_id:
-        raise APIError(400, "the form field id (the adapter's name) is required", "id")
-    for name in (CONFIG, WEIGHTS):
-        if name not in files:
-            raise APIError(400, f"the upload has no {name}", "file")
-    return adapter_id, files
+        ticket.release()
+        await asyncio.to_thread(shutil.rmtree, staged, True)  # gone already once published
+    created = not replace or summary.get("version") == 1  # PUT: 201 for a new id, 200 for a new version
+    return JSONResponse(_card(rt, summary).model_dump(), status_code=201 if created else 200)
 
 
 _BINARY = {"type": "string", "format": "binary"}
-_UPLOAD_DOC = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-    "type": "object", "required": ["id", CONFIG, WEIGHTS],
-    "properties": {"id": {"type": "string"}, CONFIG: _BINARY, WEIGHTS: _BINARY, TOKENIZER: _BINARY}}}}}}
+_FORM = {"type": "object", "required": [CONFIG, WEIGHTS],
+         "properties": {"id": {"type": "string"}, CONFIG: _BINARY, WEIGHTS: _BINARY, TOKENIZER: _BINARY}}
+_UPLOAD_DOC = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": dict(
+    _FORM, required=["id", CONFIG, WEIGHTS])}}}}
+_PUT_DOC = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": _FORM}}}}
 
 
 @router.post("/v1/adapters", status_code=201, openapi_extra=_UPLOAD_DOC)
 async def upload_adapter(request: Request):
-    rt = request.app.state.runtime
-    service = _service(rt)
-    limit = max_adapter_bytes(rt)
-    adapter_id, files = await _read_upload(request, limit + SIDE_FILES_BYTES)
-    if len(files[WEIGHTS]) > limit:
-        raise APIError(413, f"{WEIGHTS} has {len(files[WEIGHTS])} bytes, more than the limit of {limit} bytes",
-                       "file", "adapter_too_large")
-    # Validation reads safetensors headers and writes to disk: keep it off the event loop.
-    summary = await asyncio.to_thread(service.upload, adapter_id, files[CONFIG], files[WEIGHTS],
-                                      files.get(TOKENIZER), tenant_of(request))
-    return JSONResponse(_card(rt, summary).model_dump(), status_code=201)
+    """Create an adapter in the caller's namespace (409 if the id exists there or publicly)."""
+    return await _upload(request, None, replace=False)
+
+
+@router.put("/v1/adapters/{adapter_id:path}", openapi_extra=_PUT_DOC)
+async def replace_adapter(adapter_id: str, request: Request):
+    """Create or replace: a new version; requests already admitted keep the version they started with."""
+    return await _upload(request, adapter_id, replace=True)
 
 
 @router.get("/v1/adapters")
 async def list_adapters(request: Request) -> AdapterList:
     rt = request.app.state.runtime
-    return AdapterList(data=[_card(rt, a) for a in _service(rt).list(tenant_of(request))])
+    return AdapterList(data=[_card(rt, a) for a in _service(rt).list(*_caller(request))])
 
 
-@router.get("/v1/adapters/{adapter_id}")
+@router.get("/v1/adapters/{adapter_id:path}")
 async def get_adapter(adapter_id: str, request: Request) -> AdapterCard:
     rt = request.app.state.runtime
-    return _card(rt, _service(rt).get(adapter_id, tenant_of(request)))
+    return _card(rt, _service(rt).get(adapter_id, *_caller(request)))
 
 
-@router.delete("/v1/adapters/{adapter_id}")
+@router.delete("/v1/adapters/{adapter_id:path}")
 async def delete_adapter(adapter_id: str, request: Request) -> AdapterDeleted:
     rt = request.app.state.runtime
     service = _service(rt)
-    await asyncio.to_thread(service.delete, adapter_id, tenant_of(request))
+    await asyncio.to_thread(service.delete, adapter_id, *_caller(request))
     return AdapterDeleted(id=adapter_id)

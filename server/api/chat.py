@@ -1,6 +1,7 @@
 """POST /v1/chat/completions: messages rendered with the (adapter's own or base) chat template; SSE streaming."""
 from __future__ import annotations
 
+import asyncio
 from contextlib import aclosing
 
 from fastapi import APIRouter, Request
@@ -8,9 +9,9 @@ from fastapi.responses import StreamingResponse
 
 from .context import set_request_id
 from .errors import APIError, error_body
-from .generation import (check_request, guard_sse, merge_streams, new_id, normalize_stop, now, open_stream,
-                         sampling_params, sse, unless_disconnected, usage_of,
-                         with_seed)
+from .generation import (admit, check_request, guard_sse, merge_streams, new_id, normalize_stop, now, open_stream,
+                         sampling_params, sse, unless_disconnected, usage_of, with_seed)
+from .limits import chat_prompt_estimate, check_sampling, estimate_tokens
 from .schemas import (ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs, ChatMessageOut,
                       ChatTokenLogprob, TopLogprob, UsageInfo)
 
@@ -67,7 +68,7 @@ def _top(rt, token_id: int, logprob: float) -> TopLogprob:
 
 
 def _reason(reason: str | None) -> str | None:
-    return "stop" if reason == "abort" else reason
+    return reason  # "stop", "length", or "abort" (aborted by the server, e.g. at the end of a drain)
 
 
 @router.post("/v1/chat/completions")
@@ -76,10 +77,24 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     check_request(rt, body, "/v1/chat/completions")
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs requires logprobs to be true", "top_logprobs")
+    check_sampling(rt, body, body.top_logprobs)
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    ticket = admit(request, body.n, estimate_tokens(rt, chat_prompt_estimate(body.messages), max_tokens, body.n))
+    streaming = False
+    try:
+        response = await _create(rt, body, request, ticket, max_tokens)
+        streaming = isinstance(response, StreamingResponse)  # from here the stream releases the ticket
+        return response
+    finally:
+        if not streaming:
+            ticket.release()
+
+
+async def _create(rt, body: ChatCompletionRequest, request: Request, ticket, max_tokens: int | None):
     adapter_id = rt.resolve_model(body.model, request)
     stops = normalize_stop(body.stop)
-    ids = render_prompt(rt, body, adapter_id)
-    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    # A tenant's own chat template runs in jinja's sandbox, on a worker thread: a slow one cannot stall the loop.
+    ids = await asyncio.to_thread(render_prompt, rt, body, adapter_id)
     k = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling_params(body, max_tokens, len(ids), rt.max_model_len, k, stops)
     rid, created = new_id("chatcmpl"), now()
@@ -89,7 +104,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         events = _stream(rt, rid, created, model_name, streams, body.n, include_usage, body.logprobs)
-        return StreamingResponse(guard_sse(events), media_type="text/event-stream")
+        return StreamingResponse(guard_sse(events, ticket), media_type="text/event-stream")
 
     async def collect() -> ChatCompletionResponse:
         texts = [""] * body.n

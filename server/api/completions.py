@@ -8,8 +8,9 @@ from fastapi.responses import StreamingResponse
 
 from .context import set_request_id
 from .errors import APIError, error_body
-from .generation import (MAX_SEQUENCES, check_request, guard_sse, merge_streams, new_id, normalize_stop, now,
-                         open_stream, sampling_params, sse, unless_disconnected, with_seed)
+from .generation import (admit, check_request, guard_sse, merge_streams, new_id, normalize_stop, now, open_stream,
+                         sampling_params, sse, unless_disconnected, with_seed)
+from .limits import check_sampling, completion_shape, estimate_tokens
 from .schemas import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, UsageInfo
 
 router = APIRouter()
@@ -53,14 +54,26 @@ def _logprobs_block(rt, deltas, offset: int) -> CompletionLogprobs:
 async def create_completion(body: CompletionRequest, request: Request):
     rt = request.app.state.runtime
     check_request(rt, body, "/v1/completions")
-    adapter_id = rt.resolve_model(body.model, request)
+    check_sampling(rt, body, body.logprobs)
     if body.echo and body.logprobs is not None:
         raise APIError(400, "echo together with logprobs is not supported", "echo")
+    n_prompts, est_prompt = completion_shape(body.prompt)
+    seqs = n_prompts * body.n
+    ticket = admit(request, seqs, estimate_tokens(rt, est_prompt, body.max_tokens, seqs))
+    streaming = False
+    try:
+        response = await _create(rt, body, request, ticket)
+        streaming = isinstance(response, StreamingResponse)  # from here the stream releases the ticket
+        return response
+    finally:
+        if not streaming:
+            ticket.release()
+
+
+async def _create(rt, body: CompletionRequest, request: Request, ticket):
+    adapter_id = rt.resolve_model(body.model, request)
     stops = normalize_stop(body.stop)
     prompts = _prompts(rt, body.prompt)
-    if len(prompts) * body.n > MAX_SEQUENCES:
-        raise APIError(400, f"{len(prompts)} prompts x n={body.n} asks for more than {MAX_SEQUENCES} sequences "
-                            "in one request", "n")
     params = [sampling_params(body, body.max_tokens, len(p), rt.max_model_len, body.logprobs, stops)
               for p in prompts]
     rid, created = new_id("cmpl"), now()
@@ -75,7 +88,7 @@ async def create_completion(body: CompletionRequest, request: Request):
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         events = _stream(rt, rid, created, model_name, streams, prefixes, body.n, include_usage)
-        return StreamingResponse(guard_sse(events), media_type="text/event-stream")
+        return StreamingResponse(guard_sse(events, ticket), media_type="text/event-stream")
 
     async def collect() -> CompletionResponse:
         texts = list(prefixes)
@@ -105,7 +118,7 @@ async def create_completion(body: CompletionRequest, request: Request):
 
 
 def _reason(reason: str | None) -> str | None:
-    return "stop" if reason == "abort" else reason
+    return reason  # "stop", "length", or "abort" (aborted by the server, e.g. at the end of a drain)
 
 
 async def _stream(rt, rid, created, model_name, streams, prefixes, n: int, include_usage: bool):

@@ -14,7 +14,8 @@ log = logging.getLogger("loramux.api")
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error",
-          422: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable_error"}
+          422: "invalid_request_error", 431: "invalid_request_error", 429: "rate_limit_error",
+          499: "invalid_request_error", 503: "service_unavailable_error"}
 
 
 class APIError(Exception):

@@ -11,11 +11,12 @@ from typing import AsyncIterator, Awaitable, TypeVar
 from loramux.server.engine.async_engine import StreamDelta
 from loramux.server.engine.request import SamplingParams
 
+from .admission import Ticket
+from .context import tenant_of
 from .errors import APIError, error_body
 
 log = logging.getLogger("loramux.api")
 T = TypeVar("T")
-MAX_STOP_STRINGS = 16
 MAX_SEQUENCES = 128  # prompts x n of one request (bounds the work one call can queue)
 
 
@@ -35,12 +36,26 @@ def sse(payload: dict | str) -> str:
 def check_request(rt, body, route: str) -> None:
     """Checks shared by completions and chat, done before any tokenizing; logs ignored unknown fields."""
     extra = sorted((body.model_extra or {}).keys())
-    if extra:
-        log.warning("%s: ignoring unknown fields: %s", route, ", ".join(extra))
+    if extra:  # at most a few names, each cut short: a body full of junk keys must not flood the log
+        log.warning("%s: ignoring %d unknown field(s): %s", route, len(extra),
+                    ", ".join(repr(k[:40]) for k in extra[:8]))
     if body.stream_options is not None and not body.stream:
         raise APIError(400, "stream_options is only allowed when stream is true", "stream_options")
     if rt.async_engine.dead is not None:
         raise APIError(503, "the engine has stopped; the server must be restarted")
+    if getattr(rt, "draining", False):
+        raise APIError(503, "the server is shutting down; retry on another replica", None, "server_draining",
+                       {"Retry-After": "1"})
+
+
+def admit(request, seqs: int, tokens: int) -> Ticket:
+    """Admission (429/503) before tokenizing or rendering; the ticket rides on request.state until released."""
+    if seqs > MAX_SEQUENCES:
+        raise APIError(400, f"this request asks for {seqs} sequences (prompts x n); at most {MAX_SEQUENCES} are "
+                            "allowed in one request", "n")
+    ticket = request.app.state.admission.admit(tenant_of(request), seqs, tokens)
+    request.state.ticket = ticket
+    return ticket
 
 
 def open_stream(request, engine_request_id: str, prompt_ids: list[int], params: SamplingParams,
@@ -48,8 +63,23 @@ def open_stream(request, engine_request_id: str, prompt_ids: list[int], params: 
     """Start one engine sequence; its deltas pass through the app's metrics."""
     rt = request.app.state.runtime
     stream = rt.async_engine.generate(engine_request_id, prompt_ids, params, adapter_id)
+    ticket = getattr(request.state, "ticket", None)
+    if ticket is not None:
+        stream = _counted(stream, ticket)
     metrics = getattr(request.app.state, "metrics", None)
-    return metrics.track(stream, adapter_id) if metrics is not None else stream
+    label = adapter_id.partition("@")[0] if adapter_id is not None else None  # the key without its version
+    return metrics.track(stream, label) if metrics is not None else stream
+
+
+async def _counted(stream: AsyncIterator[StreamDelta], ticket: Ticket) -> AsyncIterator[StreamDelta]:
+    """Report a sequence's real token count to its ticket (settles the admission estimate)."""
+    try:
+        async for d in stream:
+            if d.finish_reason is not None:
+                ticket.add_tokens(d.prompt_tokens + d.completion_tokens)
+            yield d
+    finally:
+        await stream.aclose()
 
 
 async def unless_disconnected(request, work: Awaitable[T]) -> T:
@@ -73,8 +103,9 @@ async def unless_disconnected(request, work: Awaitable[T]) -> T:
     return task.result()
 
 
-async def guard_sse(events: AsyncIterator[str]) -> AsyncIterator[str]:
-    """After the 200 is sent, an unexpected failure becomes an SSE error event followed by [DONE]."""
+async def guard_sse(events: AsyncIterator[str], ticket: Ticket | None = None) -> AsyncIterator[str]:
+    """After the 200 is sent, an unexpected failure becomes an SSE error event followed by [DONE]. The request's
+    admission ticket is released when the stream ends, however it ends."""
     try:
         async for event in events:
             yield event
@@ -82,6 +113,9 @@ async def guard_sse(events: AsyncIterator[str]) -> AsyncIterator[str]:
         log.exception("stream failed")
         yield sse(error_body(500, f"generation failed: {exc}"))
         yield sse("[DONE]")
+    finally:
+        if ticket is not None:
+            ticket.release()
 
 
 def usage_of(done: dict[int, "StreamDelta"], n: int) -> dict:
@@ -111,9 +145,7 @@ def sampling_params(req, max_tokens: int | None, prompt_len: int, max_model_len:
 
 
 def normalize_stop(stop) -> list[str]:
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
-    if len(stops) > MAX_STOP_STRINGS:
-        raise APIError(400, f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(stops)}", "stop")
+    stops = [stop] if isinstance(stop, str) else list(stop or [])  # count and length: limits.check_sampling
     if any(s == "" for s in stops):
         raise APIError(400, "stop strings must not be empty", "stop")
     return stops

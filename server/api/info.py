@@ -16,6 +16,11 @@ _MODEL_FIELDS = {"hidden_size": "hidden_size", "intermediate_size": "intermediat
                  "max_position_embeddings": "max_position_embeddings"}
 
 
+_LIMITS = ("max_n", "max_logprobs", "max_stop", "max_stop_length", "max_body_bytes", "max_header_bytes",
+           "max_queued_requests", "max_concurrent_uploads", "rate_limit_requests_per_s", "rate_limit_tokens_per_s",
+           "rate_limit_burst_s", "drain_timeout")
+
+
 def version() -> str:
     try:
         return metadata.version("loramux")
@@ -35,6 +40,8 @@ async def ready(request: Request):
     rt = request.app.state.runtime
     if rt.async_engine.dead is not None:
         return error_response(503, "the engine has stopped")
+    if getattr(rt, "draining", False):
+        return error_response(503, "the server is shutting down", None, "server_draining", {"Retry-After": "1"})
     if not getattr(rt, "ready", False):
         return error_response(503, "the model is not loaded yet")
     return {"status": "ready", "model": rt.model_name}
@@ -58,5 +65,7 @@ async def info(request: Request):
         "max_lora_rank": cfg.max_lora_rank,
         "max_cpu_loras": cfg.max_cpu_loras,
         "max_adapter_bytes": getattr(cfg, "max_adapter_bytes", None),
+        "tenancy": "api-keys" if getattr(request.app.state, "keys", None) is not None else "open",
+        "limits": {name: getattr(cfg, name, None) for name in _LIMITS},
         "version": version(),
     }

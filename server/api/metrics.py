@@ -129,8 +129,8 @@ class _LiveCollector:
                      float(rt.engine.blocks.usage))
         info = GaugeMetricFamily("vllm:lora_requests_info", "Running and waiting adapters; value: update time.",
                                  labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
-        run_ids = sorted({r.adapter_id for r in running if r.adapter_id is not None})
-        wait_ids = sorted({r.adapter_id for r in waiting if r.adapter_id is not None})
+        run_ids = sorted({r.adapter_id.partition("@")[0] for r in running if r.adapter_id is not None})
+        wait_ids = sorted({r.adapter_id.partition("@")[0] for r in waiting if r.adapter_id is not None})
         info.add_metric([str(rt.config.max_loras), ",".join(run_ids), ",".join(wait_ids)], time.time())
         yield info
         service = getattr(rt, "adapters", None)
@@ -155,6 +155,30 @@ class _LiveCollector:
         for key, value in sorted(stats.items()):  # any other scalar counter the service adds (e.g. waits_total)
             if key.endswith("_total") and isinstance(value, (int, float)) and not isinstance(value, bool):
                 yield CounterMetricFamily(f"loramux_adapter_{key}", f"Adapter service counter {key}.", value)
+
+
+class AdmissionCollector:
+    """Backpressure at scrape time: admitted sequences, uploads in progress, refusals, draining."""
+
+    def __init__(self, admission, runtime):
+        self.admission, self.rt = admission, runtime
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        snap = self.admission.snapshot()
+        yield _gauge("loramux_admitted_sequences", "Sequences admitted (running + waiting).", None, snap["in_flight"])
+        yield _gauge("loramux_admission_bound", "Most sequences admitted at once (beyond: 503).", None,
+                     snap["max_in_flight"])
+        yield _gauge("loramux_uploads_in_progress", "Adapter uploads being received.", None, snap["uploads"])
+        yield _gauge("loramux_draining", "1 while a graceful shutdown drains the server.", None,
+                     int(bool(getattr(self.rt, "draining", False))))
+        fam = CounterMetricFamily("loramux_requests_rejected", "Requests refused by admission: rate_limited "
+                                  "(429) or full (503).", labels=["reason"])
+        for reason in ("rate_limited", "full"):
+            fam.add_metric([reason], snap[reason])
+        yield fam
 
 
 def _gauge(name: str, help_: str, model: str | None, value) -> GaugeMetricFamily:

@@ -16,7 +16,9 @@ def _cards(request: Request) -> list[ModelCard]:
     cards = [ModelCard(id=base, created=rt.created, root=base, max_model_len=rt.max_model_len)]
     service = getattr(rt, "adapters", None)
     if service is not None:
-        for a in service.list(tenant_of(request)):  # each adapter is its own model; root is its id, never a path
+        tenant = tenant_of(request)
+        admin = getattr(request.state, "role", "admin" if tenant is None else "user") == "admin"
+        for a in service.list(tenant, admin):  # each adapter is its own model; root is its id, never a path
             cards.append(ModelCard(id=a["id"], created=int(a.get("created") or rt.created), root=a["id"],
                                    parent=base, max_model_len=rt.max_model_len))
     return cards

@@ -18,7 +18,7 @@ class _SamplingFields(BaseModel):
     model: str | None = None
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    n: int = Field(default=1, ge=1, le=16)
+    n: int = Field(default=1, ge=1, le=128)  # --max-n (default 16) is checked per server
     stop: Union[str, list[str], None] = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -73,7 +73,7 @@ class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "abort"] | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -112,7 +112,7 @@ class ChatChoice(BaseModel):
     index: int
     message: ChatMessageOut
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "abort"] | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -153,6 +153,7 @@ class AdapterCard(BaseModel):
     created: int
     location: Literal["disk", "cpu", "gpu"] = "disk"
     tenant: str | None = None
+    version: int | None = None  # a replace (PUT) publishes the next version
     parent: str | None = None
 
 
