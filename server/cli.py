@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -11,8 +12,10 @@ from loramux.server.config import ServerConfig, default_cache_dir
 
 
 def _env(name: str, default):
-    """Default for --name from LORAMUX_NAME (dashes -> underscores, upper case)."""
-    return os.environ.get("LORAMUX_" + name.upper().replace("-", "_"), default)
+    """Default for --name from LORAMUX_NAME (dashes -> underscores, upper case); an empty value counts as unset,
+    as compose files and Kubernetes manifests often leave them."""
+    value = os.environ.get("LORAMUX_" + name.upper().replace("-", "_"), "")
+    return default if value == "" else value
 
 
 def _flag(p: argparse.ArgumentParser, name: str, help: str, default=None, type=str, **kw):
@@ -120,6 +123,9 @@ def serve(config: ServerConfig) -> int:
     from loramux.server.runtime import Runtime
 
     log = logging.getLogger("loramux")
+    # Loading a large model takes a while: a SIGTERM then (e.g. a pod deleted during start-up) exits at once
+    # instead of waiting out the grace period. The HTTP server installs its draining handler when it starts.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         keys = KeyStore.from_file(config.api_keys) if config.api_keys is not None else None
         runtime = Runtime(config)

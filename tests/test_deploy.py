@@ -28,7 +28,7 @@ DASHBOARD = DOCKER / "grafana" / "dashboards" / "loramux.json"
 UID = 10001
 # LORAMUX_* settings the manifests already set for flags that "Multi-tenancy and hardening" (issue 7) adds
 # (--api-keys, --drain-timeout). Until `loramux serve` has them they are ignored; drop them from here then.
-PENDING_FLAGS = {"LORAMUX_API_KEYS", "LORAMUX_DRAIN_TIMEOUT"}
+PENDING_FLAGS: set[str] = set()  # names the manifests may set before their flag exists
 
 
 # ------------------------------------------------------------------------------------------------ helpers

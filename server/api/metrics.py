@@ -153,6 +153,8 @@ class _LiveCollector:
                     fam.add_metric([str(tier)], value)
                 yield fam
         for key, value in sorted(stats.items()):  # any other scalar counter the service adds (e.g. waits_total)
+            if key == "slots_total":  # a gauge above (a capacity, not a count of events)
+                continue
             if key.endswith("_total") and isinstance(value, (int, float)) and not isinstance(value, bool):
                 yield CounterMetricFamily(f"loramux_adapter_{key}", f"Adapter service counter {key}.", value)
 
