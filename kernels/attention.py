@@ -1,14 +1,9 @@
 """Paged attention over a block-structured KV cache: cache writes and attention, Triton/torch dispatch."""
 from __future__ import annotations
 
-import functools
-import importlib.util
-import os
-
 import torch
 
-BACKENDS = ("auto", "triton", "torch")
-_TRUE = ("1", "true", "yes", "on")
+from .backend import resolve
 
 
 def write_kv_reference(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -75,30 +70,9 @@ def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     return out
 
 
-@functools.lru_cache(maxsize=None)
-def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
 def resolve_backend(name: str, device: torch.device | str) -> str:
-    """"auto" | "triton" | "torch" -> "triton" | "torch". "auto" (overridable by env LORAMUX_ATTENTION_BACKEND)
-    means Triton on CUDA when triton imports, torch elsewhere; Triton on CPU needs TRITON_INTERPRET=1."""
-    if name not in BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; expected one of {BACKENDS}")
-    device = torch.device(device)
-    if name == "auto":
-        name = os.environ.get("LORAMUX_ATTENTION_BACKEND", "auto").strip().lower() or "auto"
-        if name not in BACKENDS:
-            raise ValueError(f"LORAMUX_ATTENTION_BACKEND={name!r}; expected one of {BACKENDS}")
-    if name == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
-    if name == "triton":
-        if not triton_available():
-            raise RuntimeError("attention backend 'triton' requested but triton is not installed")
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in _TRUE:
-            raise RuntimeError(f"attention backend 'triton' on device {device.type!r} needs TRITON_INTERPRET=1 "
-                               "set before starting Python (slow; tiny models only), or backend 'torch'")
-    return name
+    """"auto" | "triton" | "torch" -> "triton" | "torch"; env LORAMUX_ATTENTION_BACKEND overrides "auto"."""
+    return resolve(name, device, "LORAMUX_ATTENTION_BACKEND", "attention")
 
 
 def _tri():

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import functools
 import itertools
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from .backend import interpreter_on
 
 # KV cache layout: [num_blocks, BS, Hkv, D] (last dim contiguous); a sequence's token p lives in block
 # block_tables[b, p // BS] at row p % BS. Kernels gather BLOCK_N tokens at a time through the block table, so
@@ -195,13 +196,10 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, bt_ptr, seq_lens_ptr, cu_q_ptr
     tl.store(out_ptr + o_off, o.to(out_ptr.dtype.element_ty), mask=_mask2(r_ok, d, D, D_POW2))
 
 
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
-
 
 def _dot_f32(dtype: torch.dtype) -> bool:
     """fp32 uses exact (ieee) dots; the interpreter multiplies bf16 as raw integers, so widen there."""
-    return dtype == torch.float32 or _interpret()
+    return dtype == torch.float32 or interpreter_on()
 
 
 def _pow2(n: int, lo: int = 1) -> int:
@@ -243,7 +241,7 @@ def decode(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window=No
     if B == 0:
         return out
     S = num_splits or default_num_splits(B, hkv, block_tables.shape[1], BS, q.device)
-    bn = block_n or (16 if _interpret() else 64)
+    bn = block_n or (16 if interpreter_on() else 64)
     mid_o = torch.empty(B, H, S, D, dtype=torch.float32, device=q.device) if S > 1 else out
     mid_lse = torch.empty(B, H, S, dtype=torch.float32, device=q.device) if S > 1 else out
     extra = {} if num_stages is None else {"num_stages": num_stages}
@@ -268,7 +266,7 @@ def prefill(q, k_cache, v_cache, block_tables, seq_lens, cu_q, max_query_len, sc
     B = cu_q.shape[0] - 1
     if T == 0 or B == 0:
         return out
-    gpu = not _interpret()
+    gpu = not interpreter_on()
     bm = block_m or (128 if gpu and max_query_len * G >= 128 else 64 if gpu else 16)
     bn = block_n or (64 if gpu else 16)
     warps = 8 if gpu and bm >= 128 and D >= 128 else 4

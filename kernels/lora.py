@@ -1,16 +1,12 @@
 """Multi-LoRA public API: per-step metadata (tokens grouped by slot), shrink/expand/add_lora, backend dispatch."""
 from __future__ import annotations
 
-import importlib.util
-import os
 from dataclasses import dataclass
 
 import torch
 
 from . import lora_reference as _ref
-
-BACKENDS = ("auto", "triton", "torch")
-_TRUE = ("1", "true", "yes", "on")
+from .backend import resolve
 
 
 @dataclass
@@ -73,34 +69,9 @@ def build_lora_meta(token_slots: torch.Tensor, num_slots: int, out: LoRAMeta | N
     return out
 
 
-def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUE
-
-
 def resolve_backend(name: str, device: torch.device | str) -> str:
-    """"auto" | "triton" | "torch" -> "triton" | "torch". "auto" (overridable by env LORAMUX_KERNEL_BACKEND)
-    means Triton on CUDA when triton imports, torch elsewhere; Triton on CPU needs TRITON_INTERPRET=1."""
-    if name not in BACKENDS:
-        raise ValueError(f"unknown kernel backend {name!r}; expected one of {BACKENDS}")
-    device = torch.device(device)
-    if name == "auto":
-        name = os.environ.get("LORAMUX_KERNEL_BACKEND", "auto").strip().lower() or "auto"
-        if name not in BACKENDS:
-            raise ValueError(f"LORAMUX_KERNEL_BACKEND={name!r}; expected one of {BACKENDS}")
-    if name == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
-    if name == "triton":
-        if not triton_available():
-            raise RuntimeError("kernel backend 'triton' requested but triton is not installed")
-        if device.type != "cuda" and not _interpret():
-            raise RuntimeError(f"kernel backend 'triton' on device {device.type!r} needs the Triton interpreter: "
-                               "set TRITON_INTERPRET=1 before starting Python (slow; tiny models only), "
-                               "or use backend 'torch'")
-    return name
+    """"auto" | "triton" | "torch" -> "triton" | "torch"; env LORAMUX_KERNEL_BACKEND overrides "auto"."""
+    return resolve(name, device, "LORAMUX_KERNEL_BACKEND", "kernel")
 
 
 def _tri():

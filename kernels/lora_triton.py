@@ -1,12 +1,13 @@
 """Triton multi-LoRA kernels: segmented (sorted-by-slot) shrink and expand, multi-slice, rank-masked, no atomics."""
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 
 import torch
 import triton
 import triton.language as tl
+
+from .backend import interpreter_on
 
 # Work decomposition shared by both kernels. Tokens are grouped by slot (meta.sorted_tokens, meta.seg_start);
 # each slot's segment is cut into BLOCK_M-row tiles and the tiles of all slots are numbered consecutively.
@@ -141,14 +142,11 @@ def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(max(int(n), 1)))
 
 
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
-
 
 def _dot_f32(dtype: torch.dtype) -> bool:
     """fp32 inputs use exact (ieee, not tf32) dots. The interpreter multiplies bf16 as raw uint16, so there bf16
     operands are widened to fp32 first (bf16 products are exact in fp32, as on tensor cores)."""
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and _interpret())
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and interpreter_on())
 
 
 @lru_cache(maxsize=None)

@@ -8,31 +8,12 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from loramux.loadtest.bench.gpu_timing import copy_bandwidth, cuda_time_us
 from loramux.kernels import attention_triton as tri
 from loramux.kernels.attention import paged_attention, write_kv
 
 H, HKV, D, BS = 32, 8, 128, 16  # Llama-3-8B attention: 32 query heads, 8 KV heads of 128; cache blocks of 16
 CASES = [(b, L) for b in (1, 32, 64) for L in (512, 2048, 8192)]
-
-
-def cuda_time_us(fn, iters: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / iters
-
-
-def copy_bandwidth(nbytes: int = 1 << 30) -> float:
-    """bytes/s of a large device-to-device copy (read + write counted)."""
-    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
-    dst = torch.empty_like(src)
-    return 2 * nbytes / (cuda_time_us(lambda: dst.copy_(src), 20) * 1e-6)
 
 
 def graphed(fn):

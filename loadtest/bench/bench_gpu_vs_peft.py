@@ -18,25 +18,12 @@ import torch
 
 from loramux.adapters.loader import LoadedAdapter
 from loramux.adapters.spec import MODULES
+from loramux.loadtest.bench.gpu_timing import copy_bandwidth
 from loramux.server.adapter_service import AdapterService
 from loramux.server.engine.request import SamplingParams
 from loramux.server.engine.scheduler import SchedulerConfig
 from loramux.server.models.shapes import SHAPES, shape_config
 from loramux.server.runtime import attach_adapters, build_engine
-
-
-def copy_bandwidth(device, nbytes: int = 2 << 30) -> float:
-    """Bytes/s of a device-to-device copy (read + write counted once each, as in a weight read floor)."""
-    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device)
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(10):
-        dst.copy_(src)
-    torch.cuda.synchronize()
-    return 2 * nbytes * 10 / (time.perf_counter() - t0)
 
 
 def random_adapter(spec, rank: int, seed: int, dtype) -> LoadedAdapter:
@@ -173,7 +160,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     cfg = shape_config(args.shape)
-    bw = copy_bandwidth(torch.device("cuda"))
+    bw = copy_bandwidth(2 << 30)
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     counts = [int(x) for x in args.adapters.split(",")]
     from loramux.adapters.spec import BaseModelSpec

@@ -7,6 +7,7 @@ import sys
 
 import torch
 
+from loramux.loadtest.bench.gpu_timing import copy_bandwidth, cuda_time_us
 from loramux.kernels import lora_triton as tri
 from loramux.kernels.lora import add_lora, build_lora_meta
 
@@ -16,27 +17,6 @@ GROUPS = [("qkv", 4096, (4096, 1024, 1024)), ("o", 4096, (4096,)), ("gate_up", 4
 CASES = [(1, 1), (32, 1), (32, 4), (32, 32), (64, 1), (64, 4), (64, 32), (256, 1), (256, 4), (256, 32),
          (4096, 1), (4096, 4), (4096, 32)]  # (T tokens, D distinct adapters)
 BREAKDOWN, SWEEP = [(1, 1), (32, 32), (256, 32), (4096, 4)], [(32, 32), (4096, 4)]
-
-
-def cuda_time_us(fn, iters: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / iters
-
-
-def copy_bandwidth(nbytes: int = 1 << 30) -> float:
-    """bytes/s of a large device-to-device copy (read + write counted)."""
-    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
-    dst = torch.empty_like(src)
-    t = cuda_time_us(lambda: dst.copy_(src), 20)
-    return 2 * nbytes / (t * 1e-6)
 
 
 def build_layer(S: int, r: int, dtype, seed: int = 0):

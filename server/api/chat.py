@@ -9,8 +9,8 @@ from fastapi.responses import StreamingResponse
 
 from .context import set_request_id
 from .errors import APIError, error_body
-from .generation import (admit, check_request, guard_sse, merge_streams, new_id, normalize_stop, now, open_stream,
-                         sampling_params, sse, unless_disconnected, usage_of, with_seed)
+from .generation import (admit, check_request, collect_streams, guard_sse, merge_streams, new_id, normalize_stop, now,
+                         open_stream, sampling_params, sse, unless_disconnected, usage_of, with_seed)
 from .limits import chat_prompt_estimate, check_sampling, estimate_tokens
 from .schemas import (ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs, ChatMessageOut,
                       ChatTokenLogprob, TopLogprob, UsageInfo)
@@ -107,17 +107,7 @@ async def _create(rt, body: ChatCompletionRequest, request: Request, ticket, max
         return StreamingResponse(guard_sse(events, ticket), media_type="text/event-stream")
 
     async def collect() -> ChatCompletionResponse:
-        texts = [""] * body.n
-        deltas: list[list] = [[] for _ in range(body.n)]
-        done: dict = {}
-        async with aclosing(merge_streams(streams)) as merged:  # an error closes (aborts) every sequence now
-            async for i, d in merged:
-                if d.error:
-                    raise APIError(503 if "engine" in d.error else 400, d.error)
-                texts[i] += d.text
-                deltas[i].append(d)
-                if d.finish_reason is not None:
-                    done[i] = d
+        texts, deltas, done = await collect_streams(streams)
         choices = [ChatChoice(index=i, message=ChatMessageOut(content=texts[i]),
                               finish_reason=_reason(done[i].finish_reason) if i in done else "stop",
                               logprobs=_logprobs(rt, deltas[i]) if body.logprobs else None) for i in range(body.n)]

@@ -8,8 +8,8 @@ from fastapi.responses import StreamingResponse
 
 from .context import set_request_id
 from .errors import APIError, error_body
-from .generation import (admit, check_request, guard_sse, merge_streams, new_id, normalize_stop, now, open_stream,
-                         sampling_params, sse, unless_disconnected, with_seed)
+from .generation import (admit, check_request, collect_streams, guard_sse, merge_streams, new_id, normalize_stop, now,
+                         open_stream, sampling_params, sse, unless_disconnected, usage_of, with_seed)
 from .limits import check_sampling, completion_shape, estimate_tokens
 from .schemas import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, UsageInfo
 
@@ -91,28 +91,13 @@ async def _create(rt, body: CompletionRequest, request: Request, ticket):
         return StreamingResponse(guard_sse(events, ticket), media_type="text/event-stream")
 
     async def collect() -> CompletionResponse:
-        texts = list(prefixes)
-        reasons: list[str | None] = [None] * len(streams)
-        deltas: list[list] = [[] for _ in streams]
-        usage = UsageInfo()
-        prompt_counted = set()  # prompt indices already in usage (n choices share one prompt)
-        async with aclosing(merge_streams(streams)) as merged:  # an error closes (aborts) every sequence now
-            async for i, d in merged:
-                if d.error:
-                    raise APIError(503 if "engine" in d.error else 400, d.error)
-                texts[i] += d.text
-                deltas[i].append(d)
-                if d.finish_reason is not None:
-                    reasons[i] = d.finish_reason
-                    usage.completion_tokens += d.completion_tokens
-                    if i // body.n not in prompt_counted:
-                        prompt_counted.add(i // body.n)
-                        usage.prompt_tokens += d.prompt_tokens
-        usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
-        choices = [CompletionChoice(index=i, text=texts[i], finish_reason=_reason(reasons[i]),
+        texts, deltas, done = await collect_streams(streams)
+        choices = [CompletionChoice(index=i, text=prefixes[i] + texts[i],
+                                    finish_reason=_reason(done[i].finish_reason) if i in done else None,
                                     logprobs=_logprobs_block(rt, deltas[i], len(prefixes[i]))
                                     if body.logprobs is not None else None) for i in range(len(streams))]
-        return CompletionResponse(id=rid, created=created, model=model_name, choices=choices, usage=usage)
+        return CompletionResponse(id=rid, created=created, model=model_name, choices=choices,
+                                  usage=UsageInfo(**usage_of(done, body.n)))
 
     return await unless_disconnected(request, collect())
 

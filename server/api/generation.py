@@ -6,6 +6,7 @@ import json
 import logging
 import time
 import uuid
+from contextlib import aclosing
 from typing import AsyncIterator, Awaitable, TypeVar
 
 from loramux.server.engine.async_engine import StreamDelta
@@ -116,6 +117,21 @@ async def guard_sse(events: AsyncIterator[str], ticket: Ticket | None = None) ->
     finally:
         if ticket is not None:
             ticket.release()
+
+
+async def collect_streams(streams: list) -> tuple[list[str], list[list], dict[int, "StreamDelta"]]:
+    """Run every sequence to its end: (text per choice, deltas per choice, final delta by choice index).
+    An error closes (aborts) every sequence at once and becomes an APIError."""
+    texts, deltas, done = [""] * len(streams), [[] for _ in streams], {}
+    async with aclosing(merge_streams(streams)) as merged:
+        async for i, d in merged:
+            if d.error:
+                raise APIError(503 if "engine" in d.error else 400, d.error)
+            texts[i] += d.text
+            deltas[i].append(d)
+            if d.finish_reason is not None:
+                done[i] = d
+    return texts, deltas, done
 
 
 def usage_of(done: dict[int, "StreamDelta"], n: int) -> dict:

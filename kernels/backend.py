@@ -1,0 +1,42 @@
+"""Backend choice shared by every kernel family: "auto" | "triton" | "torch", with an environment override."""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+_TRUE = ("1", "true", "yes", "on")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUE
+
+
+def resolve(name: str, device: torch.device | str, env_var: str, what: str) -> str:
+    """-> "triton" | "torch". "auto" (overridable by env `env_var`) means Triton on CUDA when triton imports,
+    torch elsewhere; Triton on CPU needs TRITON_INTERPRET=1 set before Python starts."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown {what} backend {name!r}; expected one of {BACKENDS}")
+    device = torch.device(device)
+    if name == "auto":
+        name = os.environ.get(env_var, "auto").strip().lower() or "auto"
+        if name not in BACKENDS:
+            raise ValueError(f"{env_var}={name!r}; expected one of {BACKENDS}")
+    if name == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if name == "triton":
+        if not triton_available():
+            raise RuntimeError(f"{what} backend 'triton' requested but triton is not installed")
+        if device.type != "cuda" and not interpreter_on():
+            raise RuntimeError(f"{what} backend 'triton' on device {device.type!r} needs the Triton interpreter: "
+                               "set TRITON_INTERPRET=1 before starting Python (slow; tiny models only), "
+                               "or use backend 'torch'")
+    return name
