@@ -34,3 +34,12 @@ def test_make_adapters_then_zipf_run(demo_server, tmp_path):
     used = [r["adapter"] for r in records]
     assert set(used) <= {f"lt-live-{i}" for i in range(4)}
     assert used.count("lt-live-0") > 20 / 4, "zipf:1.0 should favour the first adapter"
+    for metric in ("ttft", "tpot", "itl", "e2el"):
+        stats = results["summary"][metric]
+        assert stats["p50"] <= stats["p90"] <= stats["p99"], (metric, stats)
+    pngs = sorted((tmp_path / "run").glob("*.png"))
+    assert pngs, "the run should write its plots"
+    import matplotlib.image
+
+    for png in pngs:
+        assert matplotlib.image.imread(png).ndim == 3  # a real, loadable image
