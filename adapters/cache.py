@@ -31,6 +31,18 @@ class CpuAdapterCache:
             self._hits += 1
             return item
 
+    def peek(self, adapter_id: str) -> LoadedAdapter | None:
+        """The cached adapter without counting a hit or miss or changing its recency."""
+        with self._lock:
+            return self._items.get(adapter_id)
+
+    def touch(self, adapter_ids) -> None:
+        """Mark cached ids as used, in order (the last one becomes the most recent); unknown ids are ignored."""
+        with self._lock:
+            for aid in adapter_ids:
+                if aid in self._items:
+                    self._items.move_to_end(aid)
+
     def put(self, adapter_id: str, adapter: LoadedAdapter) -> bool:
         """Insert as most recent and evict LRU entries over the limits; False if it alone exceeds max_bytes."""
         if self.max_bytes is not None and adapter.nbytes > self.max_bytes:

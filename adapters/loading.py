@@ -15,6 +15,34 @@ from .registry import AdapterRegistry
 from .spec import BaseModelSpec
 
 Result = LoadedAdapter | AdapterError
+LOAD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Histogram:
+    """Thread-safe cumulative histogram (Prometheus style: le buckets, sum, count) for latencies in seconds."""
+
+    def __init__(self, buckets: tuple[float, ...] = LOAD_BUCKETS):
+        self.buckets = tuple(sorted(buckets))
+        self._counts = [0] * len(self.buckets)
+        self._sum, self._count, self._lock = 0.0, 0, threading.Lock()
+
+    def observe(self, seconds: float) -> None:
+        with self._lock:
+            self._sum += seconds
+            self._count += 1
+            for i, edge in enumerate(self.buckets):
+                if seconds <= edge:
+                    self._counts[i] += 1
+                    break
+
+    def snapshot(self) -> dict:
+        """{"buckets": [(le, cumulative count), ...], "sum": s, "count": n}; +Inf is `count`."""
+        with self._lock:
+            cum, out = 0, []
+            for edge, c in zip(self.buckets, self._counts):
+                cum += c
+                out.append((edge, cum))
+            return {"buckets": out, "sum": self._sum, "count": self._count}
 
 
 class AdapterLoader:
@@ -29,11 +57,14 @@ class AdapterLoader:
         self._futures: dict[str, Future] = {}
         self._errors: dict[str, tuple[AdapterError, float]] = {}  # id -> (error, expiry on monotonic clock)
         self._gen: dict[str, int] = {}  # bumped by invalidate() so stale in-flight results are dropped
+        self.latency = Histogram()  # seconds per successful disk -> CPU load (read + validate + pin)
+        self.loads = 0  # successful disk -> CPU loads
 
     def _load(self, adapter_id: str, gen: int) -> LoadedAdapter:
         path = self.registry.path_of(adapter_id)
         if path is None:
             raise AdapterError(f"adapter {adapter_id!r} does not exist", "model", NOT_FOUND)
+        t0 = time.perf_counter()
         try:
             adapter = load_adapter(path, self.spec, self.dtype, adapter_id=adapter_id)
         except AdapterError:
@@ -45,6 +76,9 @@ class AdapterLoader:
             current = self._gen.get(adapter_id, 0) == gen
         if current:
             self.cache.put(adapter_id, adapter)  # pins here, on the worker thread
+        self.latency.observe(time.perf_counter() - t0)
+        with self._lock:
+            self.loads += 1
         return adapter
 
     def _cached_error(self, adapter_id: str) -> AdapterError | None:
@@ -63,10 +97,21 @@ class AdapterLoader:
         with self._lock:
             if adapter_id in self._futures or self._cached_error(adapter_id) is not None:
                 return
-            self._futures[adapter_id] = self._pool.submit(self._load, adapter_id, self._gen.get(adapter_id, 0))
+            fut = self._futures[adapter_id] = self._pool.submit(self._load, adapter_id, self._gen.get(adapter_id, 0))
+        fut.add_done_callback(lambda f: self._reap(adapter_id, f))
 
-    def poll(self, adapter_id: str) -> Result | None:
-        """The adapter when loaded, its AdapterError when it failed, None while loading (starts it if idle)."""
+    def _reap(self, adapter_id: str, fut: Future) -> None:
+        """Forget a load whose result is in the cache, so the future does not keep the weights alive after the
+        cache evicts them (failed or uncached results stay until poll() hands them out)."""
+        if fut.cancelled() or fut.exception() is not None or adapter_id not in self.cache:
+            return
+        with self._lock:
+            if self._futures.get(adapter_id) is fut:
+                del self._futures[adapter_id]
+
+    def poll(self, adapter_id: str, start: bool = True) -> Result | None:
+        """The adapter when loaded, its AdapterError when it failed, None while loading (starts it if idle, unless
+        start=False)."""
         hit = self.cache.get(adapter_id)
         if hit is not None:
             return hit
@@ -84,7 +129,7 @@ class AdapterLoader:
                 assert isinstance(exc, AdapterError)
                 self._errors[adapter_id] = (exc, time.monotonic() + self.error_ttl_s)
                 return exc
-        if fut is None:
+        if fut is None and start:
             self.request(adapter_id)
         return None
 
@@ -115,6 +160,10 @@ class AdapterLoader:
             self._errors.pop(adapter_id, None)
             self._futures.pop(adapter_id, None)
         self.cache.pop(adapter_id)
+
+    def in_flight(self, adapter_id: str) -> bool:
+        with self._lock:
+            return adapter_id in self._futures
 
     def loading(self) -> list[str]:
         with self._lock:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 from pathlib import Path
 
 import torch
@@ -15,72 +14,31 @@ from loramux.adapters.loading import AdapterLoader
 from loramux.adapters.registry import TOKENIZER_FILE
 from loramux.adapters.slots import SlotTable
 from loramux.adapters.spec import BaseModelSpec
+from loramux.server.adapter_gate import SlotGate
 from loramux.server.adapter_store import AdapterStore, Ref, parse_key
 
 log = logging.getLogger("loramux.adapters")
 FORBIDDEN = 403
 
 
-class AdapterService:
-    """Implements the scheduler's AdapterGate (try_acquire / release, called on the engine thread) and the
-    REST-facing operations (upload, list, get, delete; called on the event loop or worker threads).
+class AdapterService(SlotGate):
+    """Implements the scheduler's AdapterGate (SlotGate: called on the engine thread) and the REST-facing
+    operations (upload, list, get, delete; called on the event loop or worker threads).
     Callers are (tenant, admin): tenant None is the open single-tenant mode (public namespace)."""
 
     def __init__(self, root: Path, model_config: dict, dtype: torch.dtype, max_loras: int, max_lora_rank: int,
-                 max_cpu_loras: int, max_adapter_bytes: int = 4 << 30):
+                 max_cpu_loras: int, max_adapter_bytes: int = 4 << 30, max_cpu_bytes: int | None = None):
         self.dtype = dtype
         self.spec = BaseModelSpec.from_hf_config(model_config, max_lora_rank, str(dtype).replace("torch.", ""))
         Path(root).mkdir(parents=True, exist_ok=True)
         self.store = AdapterStore(Path(root), max_adapter_bytes)
         self.registry = self.store.public  # the public namespace (startup and demo adapters)
-        self.cache = CpuAdapterCache(max_cpu_loras)
+        self.cache = CpuAdapterCache(max_cpu_loras, max_cpu_bytes)
         self.loader = AdapterLoader(self.store, self.spec, dtype, self.cache)  # loads by key via store.path_of
         self.table = SlotTable(max_loras)
         self.device_slots = None  # runner.lora_slots.LoRASlots, attached once the model exists
-        self.counters = {"gpu_hits": 0, "gpu_loads": 0, "gpu_evictions": 0, "disk_loads": 0, "waits": 0}
-        self.load_seconds = {"gpu": 0.0}  # time spent copying adapters into device slots (engine thread)
-        self._pending: set[str] = set()  # keys whose disk -> CPU load this service is waiting for
-        self._slot_owner: dict[int, str] = {}  # last adapter written into each device slot
+        self._init_gate()
         self._write_lock = threading.Lock()  # publish + forget of one upload happen together
-
-    # ---- engine thread: AdapterGate ----
-    def try_acquire(self, adapter_id: str) -> bool:
-        if self.table.is_loaded(adapter_id):
-            if self.table.acquire(adapter_id) is not None:
-                self.counters["gpu_hits"] += 1
-                return True
-            return False
-        loaded = self.loader.poll(adapter_id)  # starts a background disk -> CPU load when needed
-        if isinstance(loaded, AdapterError):
-            self._pending.discard(adapter_id)
-            raise loaded
-        if loaded is None:
-            self._pending.add(adapter_id)
-            self.counters["waits"] += 1
-            return False
-        if adapter_id in self._pending:
-            self._pending.discard(adapter_id)
-            self.counters["disk_loads"] += 1
-        if not self.table.can_acquire(adapter_id):
-            self.counters["waits"] += 1
-            return False
-        got = self.table.acquire(adapter_id)
-        if got is None:
-            return False
-        slot, needs_load = got
-        if needs_load:
-            if self._slot_owner.get(slot) not in (None, adapter_id):
-                self.counters["gpu_evictions"] += 1
-            self._slot_owner[slot] = adapter_id
-            t0 = time.perf_counter()
-            self.device_slots.load(slot, loaded)
-            self.load_seconds["gpu"] += time.perf_counter() - t0
-            self.table.mark_loaded(adapter_id)
-            self.counters["gpu_loads"] += 1
-        return True
-
-    def release(self, adapter_id: str) -> None:
-        self.table.release(adapter_id)
 
     # ---- API side ----
     def _find(self, name, tenant: str | None, admin: bool | None) -> Ref:
@@ -96,7 +54,8 @@ class AdapterService:
         key = self.store.hold_current(ref) if hold else self.store.key(ref)
         if key is None:  # deleted in between
             raise AdapterError(f"the model {str(name)[:128]!r} does not exist", "model", NOT_FOUND)
-        self.loader.request(key)  # warm the CPU cache while the request is queued
+        if len(self.cache) + len(self.loader.loading()) < self.cache.max_adapters:
+            self.loader.request(key)  # warm the CPU cache while queued, if that evicts nothing (else: prefetch)
         return key
 
     def unhold(self, key: str) -> None:
@@ -209,11 +168,11 @@ class AdapterService:
         cache = self.cache.stats()
         return {"slots_total": self.table.num_slots, "slots_in_use": len(self.table.held()),
                 "resident": sorted(self.table.resident()), "cpu_cached": len(self.cache),
-                "loads_total": {"gpu": self.counters["gpu_loads"], "disk": self.counters["disk_loads"]},
                 "evictions_total": {"cpu": cache.get("evictions", 0), "gpu": self.counters["gpu_evictions"]},
                 "hits_total": {"gpu": self.counters["gpu_hits"], "cpu": cache.get("hits", 0)},
-                "waits_total": self.counters["waits"],
-                "load_seconds_total": dict(self.load_seconds)}
+                **self.gate_stats()}
 
     def close(self) -> None:
         self.loader.close()
+        if getattr(self.device_slots, "close", None) is not None:
+            self.device_slots.close()

@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(s, "max-loras", "adapters resident on the device at once (GPU slots)", 8, int)
     _flag(s, "max-lora-rank", "largest accepted LoRA rank", 64, int)
     _flag(s, "max-cpu-loras", "adapters kept in CPU memory (LRU)", 64, int)
+    _flag(s, "max-cpu-lora-bytes", "bytes of adapters kept in CPU memory (LRU), 0 = no byte limit", 0, int)
+    _flag(s, "max-adapter-wait-steps", "fairness bound: steps a request may be passed over for its adapter before "
+          "it goes first and running adapters are drained for it", 32, int)
     _flag(s, "max-adapter-bytes", "largest accepted adapter_model.safetensors in bytes", 4 << 30, int)
     _flag(s, "kernel-backend", "LoRA kernels: auto (triton on CUDA), triton, torch", "auto",
           choices=["auto", "triton", "torch"])
@@ -103,6 +106,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         kv_cache_memory_gb=args.kv_cache_memory_gb, gpu_memory_utilization=args.gpu_memory_utilization,
         cache_dir=args.cache_dir, adapter_dir=args.adapter_dir, adapters=tuple(adapters),
         max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras,
+        max_cpu_lora_bytes=args.max_cpu_lora_bytes, max_adapter_wait_steps=args.max_adapter_wait_steps,
         max_adapter_bytes=args.max_adapter_bytes,
         kernel_backend=args.kernel_backend, enforce_eager=args.enforce_eager, demo_adapters=not args.no_demo_adapters,
         log_level=args.log_level, api_keys=args.api_keys, public_metrics=args.public_metrics, max_n=args.max_n,

@@ -32,6 +32,8 @@ class ServerConfig:
     max_loras: int = 8
     max_lora_rank: int = 64
     max_cpu_loras: int = 64
+    max_cpu_lora_bytes: int = 0  # bytes of adapters in the CPU cache, 0 = bounded by max_cpu_loras only
+    max_adapter_wait_steps: int = 32  # fairness bound (scheduler steps), like LoRAX's adapter cycle time
     max_adapter_bytes: int = 4 << 30  # largest accepted adapter_model.safetensors (uploads and registrations)
     kernel_backend: str = "auto"
     enforce_eager: bool = False  # no CUDA graphs for decode

@@ -125,13 +125,17 @@ class Runtime:
         eos = sorted(set(self.tokenizer.eos_token_ids) | set(mcfg.eos_token_ids))
         sched = SchedulerConfig(max_num_seqs=config.max_num_seqs,
                                 max_num_batched_tokens=config.max_num_batched_tokens,
-                                max_model_len=max_len, max_loras=config.max_loras)
+                                max_model_len=max_len, max_loras=config.max_loras,
+                                max_adapter_wait_steps=config.max_adapter_wait_steps)
         self.engine = build_engine(weights_dir, mcfg, self.dtype, self.device, max_len, num_blocks, sched, eos,
                                    config.block_size, config.kernel_backend)
         if config.max_loras < 1:
             raise ModelLoadError("--max-loras must be at least 1")
+        if config.max_adapter_wait_steps < 0 or config.max_cpu_lora_bytes < 0:
+            raise ModelLoadError("--max-adapter-wait-steps and --max-cpu-lora-bytes must not be negative")
         self.adapters = AdapterService(config.resolved_adapter_dir, mcfg.raw, self.dtype, config.max_loras,
-                                       config.max_lora_rank, config.max_cpu_loras, config.max_adapter_bytes)
+                                       config.max_lora_rank, config.max_cpu_loras, config.max_adapter_bytes,
+                                       config.max_cpu_lora_bytes or None)
         attach_adapters(self.engine, self.adapters)
         log.info("adapters: %d GPU slots of rank <= %d (%.1f MiB), registry %s", config.max_loras,
                  config.max_lora_rank, self.adapters.device_slots.nbytes / 2**20, config.resolved_adapter_dir)

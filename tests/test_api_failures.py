@@ -41,7 +41,7 @@ class FakeEngine:
     def shutdown(self):
         pass
 
-    async def generate(self, rid, ids, params, adapter_id):
+    async def generate(self, rid, ids, params, adapter_id, tenant=None):
         for item in self.script:
             if isinstance(item, BaseException):
                 raise item

@@ -63,7 +63,7 @@ def open_stream(request, engine_request_id: str, prompt_ids: list[int], params: 
                 adapter_id: str | None) -> AsyncIterator[StreamDelta]:
     """Start one engine sequence; its deltas pass through the app's metrics."""
     rt = request.app.state.runtime
-    stream = rt.async_engine.generate(engine_request_id, prompt_ids, params, adapter_id)
+    stream = rt.async_engine.generate(engine_request_id, prompt_ids, params, adapter_id, tenant=tenant_of(request))
     ticket = getattr(request.state, "ticket", None)
     if ticket is not None:
         stream = _counted(stream, ticket)

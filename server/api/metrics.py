@@ -7,7 +7,7 @@ from typing import AsyncIterator
 from fastapi import APIRouter, Request, Response
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, disable_created_metrics,
                                generate_latest)
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 router = APIRouter()
 
@@ -138,6 +138,7 @@ class _LiveCollector:
             return
         stats = service.stats()
         for key, help_ in (("slots_total", "GPU adapter slots."), ("slots_in_use", "GPU slots in use by requests."),
+                           ("slots_loading", "GPU slots whose copy is still in flight."),
                            ("cpu_cached", "Adapters held in the CPU cache.")):
             if key in stats:
                 yield _gauge(f"loramux_adapter_{key}", help_, None, stats[key])
@@ -146,17 +147,41 @@ class _LiveCollector:
         for key, help_ in (("loads_total", "Adapter loads by destination tier."),
                            ("evictions_total", "Adapter evictions by tier."),
                            ("hits_total", "Adapter lookups by the tier that held it."),
-                           ("load_seconds_total", "Seconds spent loading adapters, by tier.")):
+                           ("load_seconds_total", "Seconds spent loading adapters, by tier."),
+                           ("prefetches_total", "Adapter loads started ahead of admission, by tier."),
+                           ("prefetch_hits_total", "Adapters found ready thanks to a prefetch, by tier.")):
             if isinstance(stats.get(key), dict):
                 fam = CounterMetricFamily(f"loramux_adapter_{key}", help_, labels=["tier"])
                 for tier, value in sorted(stats[key].items()):
                     fam.add_metric([str(tier)], value)
                 yield fam
+        yield from _histograms(stats)
         for key, value in sorted(stats.items()):  # any other scalar counter the service adds (e.g. waits_total)
             if key == "slots_total":  # a gauge above (a capacity, not a count of events)
                 continue
             if key.endswith("_total") and isinstance(value, (int, float)) and not isinstance(value, bool):
                 yield CounterMetricFamily(f"loramux_adapter_{key}", f"Adapter service counter {key}.", value)
+
+
+def _histograms(stats: dict):
+    """Adapter latency histograms from the service's snapshots ({"buckets": [(le, cumulative)], "sum", "count"})."""
+    def buckets(snap: dict) -> list:
+        return [(repr(float(le)), n) for le, n in snap["buckets"]] + [("+Inf", snap["count"])]
+
+    tiers = stats.get("load_latency_seconds")
+    if isinstance(tiers, dict):
+        fam = HistogramMetricFamily("loramux_adapter_load_latency_seconds", "Adapter load latency by tier: disk "
+                                    "(read + validate into CPU memory), gpu (copy start -> slot usable).",
+                                    labels=["tier"])
+        for tier, snap in sorted(tiers.items()):
+            fam.add_metric([str(tier)], buckets(snap), snap["sum"])
+        yield fam
+    snap = stats.get("wait_seconds")
+    if isinstance(snap, dict):
+        fam = HistogramMetricFamily("loramux_adapter_wait_seconds", "Time admitted adapter requests were passed "
+                                    "over for their adapter (loading, no free slot), observed at admission.")
+        fam.add_metric([], buckets(snap), snap["sum"])
+        yield fam
 
 
 class AdmissionCollector:

@@ -80,9 +80,9 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if cmd[0] == "add":
-                _, rid, prompt, params, adapter = cmd
+                _, rid, prompt, params, adapter, tenant = cmd
                 try:
-                    self.engine.add_request(rid, prompt, params, adapter)
+                    self.engine.add_request(rid, prompt, params, adapter, tenant)
                 except RequestError as exc:
                     self._loop.call_soon_threadsafe(self._fail, rid, str(exc))
             else:
@@ -118,7 +118,7 @@ class AsyncEngine:
         self._wake.set()
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                       adapter_id: str | None = None) -> AsyncIterator[StreamDelta]:
+                       adapter_id: str | None = None, tenant: str | None = None) -> AsyncIterator[StreamDelta]:
         """Yields StreamDelta chunks; aborts the request in the engine if the consumer goes away."""
         if self.dead is not None:
             raise RuntimeError("the engine has stopped")
@@ -128,7 +128,7 @@ class AsyncEngine:
         stops = StopStringMatcher(params.stop)
         finished = False
         num_output = 0
-        self._commands.put(("add", request_id, prompt_ids, params, adapter_id))
+        self._commands.put(("add", request_id, prompt_ids, params, adapter_id, tenant))
         self._wake.set()
         try:
             while True:

@@ -40,7 +40,7 @@ class Engine:
         self._rng = random.Random()
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    adapter_id: str | None = None) -> Request:
+                    adapter_id: str | None = None, tenant: str | None = None) -> Request:
         if request_id in self.requests:
             raise RequestError(f"duplicate request id {request_id!r}")
         if not prompt_token_ids:
@@ -49,7 +49,8 @@ class Engine:
             raise RequestError(f"the prompt has {len(prompt_token_ids)} tokens; the context is "
                                f"{self.config.max_model_len}, leaving no room to generate")
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
-        req = Request(request_id, list(prompt_token_ids), params, adapter_id, seed=seed, arrival=time.monotonic())
+        req = Request(request_id, list(prompt_token_ids), params, adapter_id, seed=seed, arrival=time.monotonic(),
+                      tenant=tenant)
         self.requests[request_id] = req
         self.scheduler.add(req)
         return req

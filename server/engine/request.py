@@ -58,6 +58,7 @@ class Request:
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     block_ids: list[int] = field(default_factory=list)
     num_preemptions: int = 0
+    tenant: str | None = None  # who asked (API key's tenant; None = open mode): per-tenant fair share
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -1,23 +1,45 @@
 """Device-resident LoRA slots: per-layer stacked A/B buffers for --max-loras adapters, and the per-step meta."""
 from __future__ import annotations
 
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
 import torch
 
 from loramux.kernels.lora import LoRAMeta, build_lora_meta
 from loramux.server.models.layers import LoRAStacks
 from loramux.server.models.llama import LORA_TARGETS
 
+_LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+
+class _Copy:
+    """One slot's copy in flight: issued by the copy thread, done when its event has completed."""
+
+    def __init__(self, adapter, after: torch.cuda.Event):
+        self.adapter, self.after = adapter, after  # the adapter stays referenced until its copy has completed
+        self.issued: Future | None = None
+        self.done = torch.cuda.Event(enable_timing=True)
+        self.start = torch.cuda.Event(enable_timing=True)
+        self.keep: list[torch.Tensor] = []  # host staging tensors of this copy
+
 
 class LoRASlots:
     """Allocates the stacks once (A [S, L*R, K], B [S, N, R] per packed linear and layer) and attaches them to
-    the model's PackedLinear layers; load() writes one adapter into one slot. `table` maps ids to slots."""
+    the model's PackedLinear layers; load() writes one adapter into one slot. `table` maps ids to slots.
 
-    def __init__(self, model, num_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device, table):
+    On CUDA, start_load() issues the copies from a worker thread on a separate stream, after the work already
+    queued on the compute stream, and records an event; ready(slot) polls it (never blocks). On CPU (or with
+    async_copies=False) start_load() copies at once and the slot is ready when it returns."""
+
+    def __init__(self, model, num_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device, table,
+                 async_copies: bool | None = None):
         self.model, self.num_slots, self.max_rank, self.table = model, num_slots, max_rank, table
         self.device = torch.device(device)
         self.nbytes = 0
         for layer in model.layers:
-            for attr in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
+            for attr in _LINEARS:
                 lin = getattr(layer, attr)
                 L, K, N = len(lin.slice_sizes), lin.in_features, lin.slice_offsets[-1]
                 st = LoRAStacks(
@@ -28,31 +50,100 @@ class LoRASlots:
                 self.nbytes += st.a.nbytes + st.b.nbytes
                 lin.lora = st
         self._meta: LoRAMeta | None = None
+        self.async_copies = self.device.type == "cuda" if async_copies is None else async_copies
+        self._inflight: dict[int, _Copy] = {}
+        self._lock = threading.Lock()
+        self._stream = self._pool = None
+        if self.async_copies:
+            self._stream = torch.cuda.Stream(self.device)
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-copy")  # FIFO: copies in order
+        self.last_copy_seconds = 0.0  # device time of the last completed copy (CUDA) or its wall time (CPU)
 
     def slot_of(self, adapter_id: str) -> int:
         slot = self.table.lookup(adapter_id)
         return -1 if slot is None else slot
 
     def load(self, slot: int, adapter) -> None:
-        """Copy a LoadedAdapter's (A [r, in], B [out, r], scale) into `slot`; untargeted slices get rank 0
-        (padding past each rank is never read by the kernels, so it need not be cleared)."""
-        for layer in self.model.layers:
-            for attr in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
-                st = getattr(layer, attr).lora
-                st.ranks[slot].zero_()
-                st.scales[slot].zero_()
-        R = self.max_rank
+        """Copy a LoadedAdapter into `slot` and wait until the copy has completed (blocking; see start_load)."""
+        self.start_load(slot, adapter)
+        with self._lock:
+            copy = self._inflight.get(slot)
+        if copy is not None:
+            copy.issued.result()
+            copy.done.synchronize()
+            self.ready(slot)
+
+    def start_load(self, slot: int, adapter) -> None:
+        """Begin copying a LoadedAdapter's (A [r, in], B [out, r], scale) into `slot`; the caller must not use the
+        slot until ready(slot). The slot must be unused by running requests (free, or idle and taken over)."""
+        if not self.async_copies:
+            t0 = time.perf_counter()
+            self._write(slot, adapter, None)
+            self.last_copy_seconds = time.perf_counter() - t0
+            return
+        after = torch.cuda.Event()
+        after.record(torch.cuda.current_stream(self.device))  # steps already queued may still read the old slot
+        copy = _Copy(adapter, after)
+        copy.issued = self._pool.submit(self._issue, slot, copy)
+        with self._lock:
+            self._inflight[slot] = copy
+
+    def _issue(self, slot: int, copy: _Copy) -> None:
+        with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
+            self._stream.wait_event(copy.after)
+            copy.start.record(self._stream)
+            self._write(slot, copy.adapter, copy.keep)
+            copy.done.record(self._stream)
+
+    def ready(self, slot: int) -> bool:
+        """True when no copy into `slot` is in flight (never blocks); raises if issuing the copy failed."""
+        with self._lock:
+            copy = self._inflight.get(slot)
+        if copy is None:
+            return True
+        if not copy.issued.done():
+            return False
+        if copy.issued.exception() is not None:  # issuing failed: the slot holds garbage; the caller drops it
+            with self._lock:
+                self._inflight.pop(slot, None)
+            raise copy.issued.exception()
+        if not copy.done.query():
+            return False
+        self.last_copy_seconds = copy.start.elapsed_time(copy.done) / 1000.0
+        with self._lock:
+            if self._inflight.get(slot) is copy:
+                del self._inflight[slot]
+        return True
+
+    def in_flight(self) -> list[int]:
+        with self._lock:
+            return list(self._inflight)
+
+    def _write(self, slot: int, adapter, keep: list | None) -> None:
+        """Untargeted slices get rank 0 (padding past each rank is never read by the kernels, so it need not be
+        cleared). With `keep` (async copies), host tensors are pinned and kept alive until the copy completes."""
+        layers = self.model.layers
+        ranks = torch.zeros(len(layers), len(_LINEARS), 3, dtype=torch.int32)
+        scales = torch.zeros(len(layers), len(_LINEARS), 3, dtype=torch.float32)
+        R, nb = self.max_rank, keep is not None
         for (layer_idx, module), (a, b) in adapter.weights.items():
             attr, i = LORA_TARGETS[module]
-            lin = getattr(self.model.layers[layer_idx], attr)
+            lin = getattr(layers[layer_idx], attr)
             st, r = lin.lora, a.shape[0]
             lo, hi = lin.slice_offsets[i], lin.slice_offsets[i + 1]
-            st.a[slot, i * R:i * R + r].copy_(a, non_blocking=True)
-            st.b[slot, lo:hi, :r].copy_(b, non_blocking=True)
-            st.ranks[slot, i] = r
-            st.scales[slot, i] = adapter.scales[(layer_idx, module)]
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()  # the slot is usable once its copy is done
+            st.a[slot, i * R:i * R + r].copy_(a, non_blocking=nb)
+            st.b[slot, lo:hi, :r].copy_(b, non_blocking=nb)
+            ranks[layer_idx, _LINEARS.index(attr), i] = r
+            scales[layer_idx, _LINEARS.index(attr), i] = adapter.scales[(layer_idx, module)]
+        if nb:
+            ranks, scales = ranks.pin_memory(), scales.pin_memory()
+            keep += [ranks, scales]
+        for layer_idx, layer in enumerate(layers):
+            for j, attr in enumerate(_LINEARS):
+                st = getattr(layer, attr).lora
+                L = st.ranks.shape[1]
+                st.ranks[slot].copy_(ranks[layer_idx, j, :L], non_blocking=nb)
+                st.scales[slot].copy_(scales[layer_idx, j, :L], non_blocking=nb)
 
     def build_meta(self, token_slots: torch.Tensor) -> LoRAMeta:
         """Group this step's tokens by slot, reusing one preallocated buffer set when it is big enough."""
@@ -60,3 +151,7 @@ class LoRASlots:
         if self._meta is None or self._meta.max_tokens < T:
             self._meta = LoRAMeta.empty(max(T, 256), self.num_slots, self.device)
         return build_lora_meta(token_slots, self.num_slots, out=self._meta)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)

@@ -1,0 +1,209 @@
+"""Many-adapter GPU benchmark (issue 10): 1,000 adapters on --max-loras slots vs one adapter, Poisson arrivals.
+
+python -m loramux.loadtest.bench.bench_many_adapters --shape llama3-8b --adapters 1000 --ranks 8,16,32,64 \
+    --zipf 1.0 --max-loras 64 --max-cpu-loras 128 --load 0.9 --duration 60 [--json out.json]
+Both runs replay the same Poisson arrival times (rate = --load x the single-adapter saturation rate, measured
+first in a closed loop) through the offline engine: run "single" sends every request to one adapter, run "many"
+draws each request's adapter from a Zipf(--zipf) law over --adapters ids whose ranks cycle through --ranks (all 7
+projections). One random PEFT folder per rank is written once; every id maps onto the folder of its rank, so
+each load is a real read + validate + pin of that size (page-cached) without 1,000 folders on disk.
+Reports: throughput ratio many / single (target >= 0.85), TTFT of requests whose adapter was not in a GPU slot
+at arrival minus TTFT of the others (target <= 30 ms for an 84 MB adapter), ITL p99 of warm requests during
+steps with a load in flight vs the single run's ITL p99 (target <= +10%), and the adapter service's counters.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from loramux.adapters.demo import write_random_adapter
+from loramux.adapters.spec import MODULES
+from loramux.server.adapter_service import AdapterService
+from loramux.server.engine.request import SamplingParams
+from loramux.server.engine.scheduler import SchedulerConfig
+from loramux.server.models.shapes import shape_config
+from loramux.server.runtime import attach_adapters, build_engine
+
+
+def pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def make_service(args, cfg, tmp: Path, ids: list[str], rank_of: dict) -> AdapterService:
+    """AdapterService whose store maps each id onto the random PEFT folder of its rank."""
+    folders = {}
+    for r in sorted(set(rank_of.values())):
+        folders[r] = write_random_adapter(tmp / f"rank{r}", cfg.raw, r, 2.0 * r, list(MODULES), seed=r)
+    svc = AdapterService(tmp / "registry", cfg.raw, torch.bfloat16, args.max_loras, max(rank_of.values()),
+                         args.max_cpu_loras, max_cpu_bytes=args.max_cpu_lora_bytes or None)
+    svc.store.path_of = lambda key: folders.get(rank_of.get(key))  # the loader reads through this
+    return svc
+
+
+def make_engine(args, cfg, svc: AdapterService):
+    max_len = args.prompt_len + args.new_tokens + 16
+    blocks = args.max_num_seqs * (-(-max_len // 16)) + 16
+    sched = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                            max_model_len=max_len, max_loras=args.max_loras,
+                            max_adapter_wait_steps=args.max_adapter_wait_steps)
+    engine = build_engine(None, cfg, torch.bfloat16, torch.device("cuda"), max_len, blocks, sched, [],
+                          kernel_backend="auto")
+    attach_adapters(engine, svc)
+    if not args.enforce_eager:
+        engine.runner.enable_cuda_graphs(args.max_num_seqs)
+    return engine
+
+
+def drain(engine) -> None:
+    while engine.has_work():
+        engine.step()
+        if engine.last_step.num_requests == 0:
+            time.sleep(0.0005)
+
+
+def warm_up(engine, args, adapter: str, vocab: int) -> None:
+    """Triton JIT, CUDA graphs and the first slot load stay out of every measurement."""
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    for i in range(args.max_num_seqs):
+        engine.add_request(f"w{i}-{time.monotonic()}", [1 + i % (vocab - 1)] * args.prompt_len, params, adapter)
+    drain(engine)
+
+
+def saturation_rate(engine, args, adapter: str, vocab: int, seconds: float = 20.0) -> float:
+    """Requests/s the engine completes with --max-num-seqs requests of one adapter always in flight."""
+    params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
+    rng, n, done, t0 = random.Random(1), 0, 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        while len(engine.requests) < args.max_num_seqs:
+            engine.add_request(f"s{n}", [rng.randrange(1, vocab) for _ in range(args.prompt_len)], params, adapter)
+            n += 1
+        done += sum(o.finished for o in engine.step())
+    rate = done / (time.perf_counter() - t0)
+    drain(engine)
+    return rate
+
+
+def run(engine, svc, args, arrivals: list[float], adapters: list[str], vocab: int) -> dict:
+    """Replay the arrivals (seconds from start); per request: cold at arrival?, TTFT, token times."""
+    params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
+    rng = random.Random(2)
+    prompts = [[rng.randrange(1, vocab) for _ in range(args.prompt_len)] for _ in range(16)]
+    reqs: dict[str, dict] = {}
+    loading_steps = 0
+    i, t0 = 0, time.perf_counter()
+    while i < len(arrivals) or engine.has_work():
+        now = time.perf_counter() - t0
+        while i < len(arrivals) and arrivals[i] <= now:
+            rid, aid = f"r{i}", adapters[i]
+            reqs[rid] = {"arrival": arrivals[i], "cold": not svc.table.is_loaded(aid), "times": []}
+            engine.add_request(rid, prompts[i % len(prompts)], params, aid)
+            i += 1
+        if not engine.has_work():
+            time.sleep(max(0.0, min(0.005, arrivals[i] - now)))
+            continue
+        loads = bool(svc.device_slots.in_flight() or svc.loader.loading() or svc._copying)
+        outs = engine.step()
+        t = time.perf_counter() - t0
+        loading_steps += loads
+        for o in outs:
+            if o.new_token_ids:
+                reqs[o.request_id]["times"].append((t, loads))
+        if engine.last_step.num_requests == 0:
+            time.sleep(0.0005)
+    wall = time.perf_counter() - t0
+    tokens = sum(len(r["times"]) for r in reqs.values())
+    ttft = {k: [r["times"][0][0] - r["arrival"] for r in reqs.values() if r["cold"] == k and r["times"]]
+            for k in (True, False)}
+    itl_all, itl_loading = [], []
+    for r in reqs.values():
+        if r["cold"]:
+            continue
+        for (a, _), (b, loads) in zip(r["times"], r["times"][1:]):
+            itl_all.append(b - a)
+            if loads:
+                itl_loading.append(b - a)
+    return {"requests": len(reqs), "wall_s": wall, "tok_s": tokens / wall, "cold_requests": len(ttft[True]),
+            "ttft_warm_p50_ms": pct(ttft[False], 0.5) * 1e3, "ttft_cold_p50_ms": pct(ttft[True], 0.5) * 1e3,
+            "ttft_warm_p90_ms": pct(ttft[False], 0.9) * 1e3, "ttft_cold_p90_ms": pct(ttft[True], 0.9) * 1e3,
+            "itl_warm_p50_ms": pct(itl_all, 0.5) * 1e3, "itl_warm_p99_ms": pct(itl_all, 0.99) * 1e3,
+            "itl_warm_loading_p99_ms": pct(itl_loading, 0.99) * 1e3, "steps_with_loads": loading_steps,
+            "max_blocked_steps": engine.scheduler.max_blocked_steps}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="llama3-8b")
+    p.add_argument("--adapters", type=int, default=1000)
+    p.add_argument("--ranks", default="8,16,32,64")
+    p.add_argument("--zipf", type=float, default=1.0)
+    p.add_argument("--max-loras", type=int, default=64)
+    p.add_argument("--max-cpu-loras", type=int, default=128)
+    p.add_argument("--max-cpu-lora-bytes", type=int, default=0)
+    p.add_argument("--max-adapter-wait-steps", type=int, default=32)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=4096)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--load", type=float, default=0.9, help="arrival rate as a fraction of the saturation rate")
+    p.add_argument("--rate", type=float, default=0.0, help="arrivals per second (0: --load x saturation)")
+    p.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per run")
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+    cfg = shape_config(args.shape)
+    ranks = [int(r) for r in args.ranks.split(",")]
+    ids = [f"ad{i:04d}" for i in range(args.adapters)]
+    rank_of = {a: ranks[i % len(ranks)] for i, a in enumerate(ids)}
+    tmp = Path(tempfile.mkdtemp(prefix="many-adapters-"))
+    svc = make_service(args, cfg, tmp, ids, rank_of)
+    engine = make_engine(args, cfg, svc)
+    vocab = cfg.vocab_size
+    warm_up(engine, args, ids[0], vocab)
+    rate = args.rate or args.load * saturation_rate(engine, args, ids[0], vocab)
+    rng = random.Random(0)
+    arrivals, t = [], 0.0
+    while True:
+        t += rng.expovariate(rate)
+        if t > args.duration:
+            break
+        arrivals.append(t)
+    weights = [1.0 / (k + 1) ** args.zipf for k in range(len(ids))]
+    many = rng.choices(ids, weights, k=len(arrivals))
+    single = run(engine, svc, args, arrivals, [ids[0]] * len(arrivals), vocab)
+    before = svc.stats()
+    result = run(engine, svc, args, arrivals, many, vocab)
+    after = svc.stats()
+    counters = {k: {t: after[k][t] - before[k].get(t, 0) for t in after[k]} if isinstance(after[k], dict)
+                else after[k] - before[k] for k in ("loads_total", "evictions_total", "prefetches_total",
+                                                    "prefetch_hits_total", "waits_total", "prefetch_wasted_total")}
+    adapter_mb = {r: svc.cache.peek(a).nbytes / 1e6 for a, r in rank_of.items() if svc.cache.peek(a) is not None}
+    out = {"shape": args.shape, "adapters": args.adapters, "ranks": ranks, "zipf": args.zipf,
+           "max_loras": args.max_loras, "rate_req_s": rate, "single": single, "many": result,
+           "throughput_ratio": result["tok_s"] / single["tok_s"],
+           "ttft_cold_minus_warm_p50_ms": result["ttft_cold_p50_ms"] - result["ttft_warm_p50_ms"],
+           "itl_p99_increase": result["itl_warm_loading_p99_ms"] / single["itl_warm_p99_ms"] - 1.0,
+           "counters": counters, "mb_per_rank": {rank_of[a]: mb for a, mb in adapter_mb.items()},
+           "gpu_load_latency": after["load_latency_seconds"]["gpu"], "disk_load_latency":
+           after["load_latency_seconds"]["disk"], "wait_seconds": after["wait_seconds"]}
+    print(json.dumps({k: v for k, v in out.items() if not k.endswith("latency") and k != "wait_seconds"},
+                     indent=1, default=str))
+    print(f"throughput many/single {out['throughput_ratio']:.3f} (target >= 0.85); TTFT cold - warm p50 "
+          f"{out['ttft_cold_minus_warm_p50_ms']:.1f} ms (target <= 30); ITL p99 warm during loads "
+          f"{out['itl_p99_increase'] * 100:+.1f}% vs single (target <= +10%)")
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1, default=str))
+    svc.close()
+    return out
+
+
+if __name__ == "__main__":
+    main()
