@@ -37,6 +37,7 @@ class ServerConfig:
     max_adapter_bytes: int = 4 << 30  # largest accepted adapter_model.safetensors (uploads and registrations)
     kernel_backend: str = "auto"
     enforce_eager: bool = False  # no CUDA graphs for decode
+    async_adapter_copies: bool = False  # CPU -> GPU slot copies on a side stream (opt-in until verified on GPU)
     demo_adapters: bool = True
     log_level: str = "info"
     # ---- tenants and hardening (docs/operations.md) ----

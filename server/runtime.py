@@ -41,14 +41,23 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
+def lora_slot_bytes(m: ModelConfig, slots: int, max_rank: int, dtype: torch.dtype) -> int:
+    """Device bytes of the stacked LoRA buffers (A [S, L*R, K] + B [S, N, R] per packed linear and layer)."""
+    h, i, q, kv = m.hidden_size, m.intermediate_size, m.q_size, m.kv_size
+    per_layer = (3 * h + (q + 2 * kv)) + (q + h) + (2 * h + 2 * i) + (i + h)  # (L*K + N) summed over 4 groups
+    return slots * max_rank * per_layer * m.num_layers * torch.tensor([], dtype=dtype).element_size()
+
+
 def plan_kv_blocks(cfg: ServerConfig, mcfg: ModelConfig, dtype: torch.dtype, device: torch.device,
                    weight_bytes: int) -> int:
+    """KV blocks for what is left of the memory budget after the weights and the LoRA slots."""
     per_block = ModelRunner.kv_bytes_per_block(mcfg, cfg.block_size, dtype)
     if cfg.num_kv_blocks:
         return cfg.num_kv_blocks
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
-        budget = total * cfg.gpu_memory_utilization - (total - free) - weight_bytes
+        slots = lora_slot_bytes(mcfg, cfg.max_loras, cfg.max_lora_rank, dtype)
+        budget = total * cfg.gpu_memory_utilization - (total - free) - weight_bytes - slots
     else:
         budget = cfg.kv_cache_memory_gb * 2**30
     return max(1, int(budget // per_block))
@@ -70,11 +79,12 @@ def build_engine(model_dir: Path | None, mcfg: ModelConfig, dtype: torch.dtype, 
     return Engine(runner, sched, num_blocks, block_size, eos_token_ids, gate)
 
 
-def attach_adapters(engine: Engine, service: AdapterService) -> None:
-    """Give the engine GPU adapter slots managed by `service` (which also becomes the scheduler's gate)."""
+def attach_adapters(engine: Engine, service: AdapterService, async_copies: bool = False) -> None:
+    """Give the engine GPU adapter slots managed by `service` (which also becomes the scheduler's gate).
+    async_copies: CPU -> GPU slot copies on a side stream (CUDA only; not yet verified on a GPU, so opt-in)."""
     runner = engine.runner
     service.device_slots = LoRASlots(runner.model, service.table.num_slots, service.spec.max_lora_rank,
-                                     runner.dtype, runner.device, service.table)
+                                     runner.dtype, runner.device, service.table, async_copies=async_copies)
     runner.lora_slots = service.device_slots
     engine.scheduler.gate = service
 
@@ -100,7 +110,8 @@ class Runtime:
             except ValueError as exc:
                 raise ModelLoadError(f"--model {spec}: {exc}") from exc
             model_dir, weights_dir, default_name = ensure_demo_model(Path(config.cache_dir)), None, spec.replace(":", "-")
-            log.info("serving random weights of shape %s with the embedded byte-level tokenizer", spec)
+            log.info("serving random weights of shape %s with the embedded byte-level tokenizer (sampling limited "
+                     "to its vocabulary so every token is text)", spec)
         else:
             model_dir = Path(spec)
             if not model_dir.is_dir():
@@ -129,6 +140,10 @@ class Runtime:
                                 max_adapter_wait_steps=config.max_adapter_wait_steps)
         self.engine = build_engine(weights_dir, mcfg, self.dtype, self.device, max_len, num_blocks, sched, eos,
                                    config.block_size, config.kernel_backend)
+        if weights_dir is None:  # random weights: sample only ids the byte-level tokenizer can turn into text
+            from loramux.server.engine.sampler import Sampler
+
+            self.engine.runner.sampler = Sampler(min(self.tokenizer.vocab_size, mcfg.vocab_size))
         if config.max_loras < 1:
             raise ModelLoadError("--max-loras must be at least 1")
         if config.max_adapter_wait_steps < 0 or config.max_cpu_lora_bytes < 0:
@@ -136,7 +151,7 @@ class Runtime:
         self.adapters = AdapterService(config.resolved_adapter_dir, mcfg.raw, self.dtype, config.max_loras,
                                        config.max_lora_rank, config.max_cpu_loras, config.max_adapter_bytes,
                                        config.max_cpu_lora_bytes or None)
-        attach_adapters(self.engine, self.adapters)
+        attach_adapters(self.engine, self.adapters, config.async_adapter_copies and self.device.type == "cuda")
         log.info("adapters: %d GPU slots of rank <= %d (%.1f MiB), registry %s", config.max_loras,
                  config.max_lora_rank, self.adapters.device_slots.nbytes / 2**20, config.resolved_adapter_dir)
         self._register_startup_adapters(config)
