@@ -19,3 +19,17 @@ def demo_server(tmp_path_factory):
 
     with live_server(tmp_path_factory.mktemp("demo-cache")) as srv:
         yield srv
+
+
+@pytest.fixture(scope="session")
+def client(demo_server):
+    """The official openai client pointed at the demo server (no retries, so errors surface as they are)."""
+    import openai
+
+    return openai.OpenAI(base_url=demo_server[0] + "/v1", api_key="x", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def model(demo_server):
+    """The demo server's base-model name."""
+    return demo_server[1].model_name

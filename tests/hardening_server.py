@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,7 +11,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from live_server import free_port
+from live_server import free_port, wait_ready  # noqa: F401 (wait_ready re-exported)
 
 KEY_A, KEY_B, KEY_ADMIN = "sk-acme-0123456789abcdef", "sk-beta-0123456789abcdef", "sk-ops-admin-0123456789abc"
 KEYS = {"keys": {KEY_A: {"tenant": "acme", "role": "user"},
@@ -28,20 +27,6 @@ def auth(key: str) -> dict:
 def shared_cache(tmp_path_factory) -> Path:
     """One cache folder for the demo model (built once per session); each server gets its own adapter folder."""
     return tmp_path_factory.mktemp("hardening-cache")
-
-
-def wait_ready(base: str, timeout: float = 60.0, proc=None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}: {proc.stdout.read() if proc.stdout else ''}")
-        try:
-            if httpx.get(base + "/ready", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise RuntimeError("server did not become ready")
 
 
 @contextmanager

@@ -16,6 +16,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_ready(base: str, timeout: float = 60.0, proc=None) -> None:
+    """Poll /ready until 200; fail early if the server process (when given) has exited."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}: {proc.stdout.read() if proc.stdout else ''}")
+        try:
+            if httpx.get(base + "/ready", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError("server did not become ready")
+
+
 @contextmanager
 def live_server(cache_dir: Path, **config_overrides):
     """Yields (base_url, runtime) for a server on the embedded demo model (or config_overrides['model'])."""
@@ -32,16 +47,7 @@ def live_server(cache_dir: Path, **config_overrides):
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(base + "/ready", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    else:
-        raise RuntimeError("server did not become ready")
+    wait_ready(base, 30)
     try:
         yield base, runtime
     finally:

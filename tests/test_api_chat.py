@@ -12,16 +12,6 @@ from loramux.adapters.demo import write_random_adapter
 MSGS = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
 
 
-@pytest.fixture(scope="module")
-def client(demo_server):
-    return openai.OpenAI(base_url=demo_server[0] + "/v1", api_key="x", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def model(demo_server):
-    return demo_server[1].model_name
-
-
 def _chat(client, model, **kw):
     kw.setdefault("max_completion_tokens", 8)
     kw.setdefault("temperature", 0)

@@ -6,18 +6,6 @@ import json
 
 import httpx
 import openai
-import pytest
-
-
-@pytest.fixture(scope="module")
-def client(demo_server):
-    base, _ = demo_server
-    return openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def model(demo_server):
-    return demo_server[1].model_name
 
 
 def _greedy(client, model, prompt, **kw):

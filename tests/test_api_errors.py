@@ -6,16 +6,6 @@ import openai
 import pytest
 
 
-@pytest.fixture(scope="module")
-def client(demo_server):
-    return openai.OpenAI(base_url=demo_server[0] + "/v1", api_key="x", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def model(demo_server):
-    return demo_server[1].model_name
-
-
 def _shape(body: dict) -> dict:
     err = body["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["message"]

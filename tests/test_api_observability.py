@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import httpx
-import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -21,11 +20,6 @@ def _value(fams, name, **labels) -> float:
 
 def _count(fams, name) -> float:
     return sum(s.value for s in fams[name].samples if s.name == name + "_count")
-
-
-@pytest.fixture(scope="module")
-def client(demo_server):
-    return openai.OpenAI(base_url=demo_server[0] + "/v1", api_key="x", max_retries=0, timeout=60)
 
 
 def test_metric_names_are_vllm_compatible(demo_server):
