@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(s, "max-adapter-bytes", "largest accepted adapter_model.safetensors in bytes", 4 << 30, int)
     _flag(s, "kernel-backend", "LoRA kernels: auto (triton on CUDA), triton, torch", "auto",
           choices=["auto", "triton", "torch"])
+    _flag(s, "tensor-parallel-size", "GPUs (processes) one model is sharded across; >1 is not yet supported by "
+          "serve (offline engine only: loramux.server.distributed.tp_worker)", 1, int)
     s.add_argument("--enforce-eager", action="store_true", default=_bool_env("enforce-eager"),
                    help="run decode steps eagerly instead of replaying CUDA graphs [env LORAMUX_ENFORCE_EAGER]")
     s.add_argument("--async-adapter-copies", action="store_true", default=_bool_env("async-adapter-copies"),
@@ -111,7 +113,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_loras=args.max_loras, max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras,
         max_cpu_lora_bytes=args.max_cpu_lora_bytes, max_adapter_wait_steps=args.max_adapter_wait_steps,
         max_adapter_bytes=args.max_adapter_bytes,
-        kernel_backend=args.kernel_backend, enforce_eager=args.enforce_eager,
+        kernel_backend=args.kernel_backend, tensor_parallel_size=args.tensor_parallel_size,
+        enforce_eager=args.enforce_eager,
         async_adapter_copies=args.async_adapter_copies, demo_adapters=not args.no_demo_adapters,
         log_level=args.log_level, api_keys=args.api_keys, public_metrics=args.public_metrics, max_n=args.max_n,
         max_logprobs=args.max_logprobs, max_stop=args.max_stop, max_stop_length=args.max_stop_length,
@@ -131,6 +134,11 @@ def serve(config: ServerConfig) -> int:
     from loramux.server.runtime import Runtime
 
     log = logging.getLogger("loramux")
+    if config.tensor_parallel_size != 1:
+        log.error("--tensor-parallel-size %d: tensor parallelism is not yet supported in serve (only 1); the "
+                  "offline engine supports it (loramux.server.distributed.tp_worker.launch_offline)",
+                  config.tensor_parallel_size)
+        return 2
     # Loading a large model takes a while: a SIGTERM then (e.g. a pod deleted during start-up) exits at once
     # instead of waiting out the grace period. The HTTP server installs its draining handler when it starts.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

@@ -36,6 +36,7 @@ class ServerConfig:
     max_adapter_wait_steps: int = 32  # fairness bound (scheduler steps), like LoRAX's adapter cycle time
     max_adapter_bytes: int = 4 << 30  # largest accepted adapter_model.safetensors (uploads and registrations)
     kernel_backend: str = "auto"
+    tensor_parallel_size: int = 1  # >1: offline engine only so far (server/distributed); serve refuses it
     enforce_eager: bool = False  # no CUDA graphs for decode
     async_adapter_copies: bool = False  # CPU -> GPU slot copies on a side stream (opt-in until verified on GPU)
     demo_adapters: bool = True

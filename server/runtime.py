@@ -72,10 +72,11 @@ def estimate_weight_bytes(m: ModelConfig, dtype: torch.dtype) -> int:
 
 def build_engine(model_dir: Path | None, mcfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_model_len: int,
                  num_blocks: int, sched: SchedulerConfig, eos_token_ids: list[int], block_size: int = 16,
-                 kernel_backend: str = "auto", gate=None, lora_slots=None) -> Engine:
-    """Model runner + engine, without tokenizer or HTTP (also used by tests and offline benchmarks)."""
+                 kernel_backend: str = "auto", gate=None, lora_slots=None, parallel=None) -> Engine:
+    """Model runner + engine, without tokenizer or HTTP (also used by tests and offline benchmarks).
+    parallel: rank 0's distributed.parallel_state.TPState under tensor parallelism (see distributed.tp_worker)."""
     runner = ModelRunner(model_dir, mcfg, dtype, device, max_model_len, block_size, num_blocks,
-                         lora_slots=lora_slots, kernel_backend=kernel_backend)
+                         lora_slots=lora_slots, kernel_backend=kernel_backend, parallel=parallel)
     return Engine(runner, sched, num_blocks, block_size, eos_token_ids, gate)
 
 

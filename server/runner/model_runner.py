@@ -21,18 +21,26 @@ log = logging.getLogger("loramux.runner")
 class ModelRunner:
     def __init__(self, model_dir: Path | None, model_config: ModelConfig, dtype: torch.dtype, device: torch.device,
                  max_model_len: int, block_size: int, num_blocks: int, lora_slots=None,
-                 kernel_backend: str = "torch"):
+                 kernel_backend: str = "torch", parallel=None):
         self.cfg, self.dtype, self.device = model_config, dtype, torch.device(device)
         self.block_size, self.num_blocks = block_size, num_blocks
+        self.parallel = parallel  # distributed.parallel_state.TPState under tensor parallelism, else None
         t0 = time.monotonic()
-        self.model = DecoderModel(model_config, max_model_len, dtype, self.device).eval()
+        if parallel is None:
+            self.model = DecoderModel(model_config, max_model_len, dtype, self.device).eval()
+        else:
+            from loramux.server.distributed.tp_layers import TPDecoderModel, load_weights_tp
+
+            self.model = TPDecoderModel(model_config, max_model_len, dtype, self.device, parallel).eval()
         if model_dir is None:
             init_random_weights(self.model)  # a named shape for benchmarks
-        else:
+        elif parallel is None:
             load_weights(self.model, model_dir)
+        else:
+            load_weights_tp(self.model, model_dir)
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         # One extra block past the engine's num_blocks: the scratch block that CUDA-graph padding rows write to.
-        shape = (num_blocks + 1, block_size, model_config.num_kv_heads, model_config.head_dim)
+        shape = (num_blocks + 1, block_size, self.model.cfg.num_kv_heads, model_config.head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=self.device),
                            torch.zeros(shape, dtype=dtype, device=self.device))
                           for _ in range(model_config.num_layers)]
@@ -61,8 +69,18 @@ class ModelRunner:
         self.graphs = DecodeGraphs(self, default_buckets(max_num_seqs), scratch_block=self.num_blocks)
         self.graphs.capture()
 
-    def _prepare(self, batch: ScheduledBatch):
-        """-> (input_ids [T], ForwardContext, indices of requests to sample, per-token adapter slots or None)."""
+    def _prepare(self, batch: ScheduledBatch, all_logits: bool = False):
+        """-> (input_ids [T], ForwardContext, indices of requests to sample, per-token adapter slots or None).
+        Under tensor parallelism rank 0 first sends the step's host inputs to the other ranks."""
+        host, sample_idx = self._host_inputs(batch)
+        if self.parallel is not None:
+            self.parallel.broadcast_object(("step", host, all_logits))
+        input_ids, ctx, token_slots = self.prepare_host(host)
+        return input_ids, ctx, sample_idx, token_slots
+
+    def _host_inputs(self, batch: ScheduledBatch):
+        """-> (host lists: ids, positions, KV slots, block tables, seq lens, query lens, logit rows, per-token
+        adapter slots or None; indices of requests to sample)."""
         bs = self.block_size
         ids, pos, slots, token_lora = [], [], [], []
         seq_lens, tables, logit_rows, sample_idx = [], [], [], []
@@ -83,11 +101,18 @@ class ModelRunner:
             if start + n == req.num_tokens:  # reached the end: sample the next token
                 logit_rows.append(len(ids) - 1)
                 sample_idx.append(i)
-        dev = self.device
         width = max(len(t) for t in tables)
         tables = [t + [0] * (width - len(t)) for t in tables]
+        host = (ids, pos, slots, tables, seq_lens, list(batch.num_new_tokens), logit_rows,
+                token_lora if use_lora else None)
+        return host, sample_idx
+
+    def prepare_host(self, host):
+        """Host lists (see _host_inputs) -> (input_ids [T], ForwardContext, per-token adapter slots or None)."""
+        ids, pos, slots, tables, seq_lens, query_lens, logit_rows, token_lora = host
+        dev = self.device
         lora_meta = token_slots = None
-        if use_lora:
+        if token_lora is not None:
             token_slots = torch.tensor(token_lora, dtype=torch.int32, device=dev)
             lora_meta = self.lora_slots.build_meta(token_slots)
         ctx = ForwardContext(
@@ -96,13 +121,13 @@ class ModelRunner:
             block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
             seq_lens_list=seq_lens,
-            query_lens=list(batch.num_new_tokens),
+            query_lens=query_lens,
             logits_indices=torch.tensor(logit_rows, dtype=torch.int64, device=dev),
             lora_meta=lora_meta,
             lora_backend=self.kernel_backend,
             max_seq_len=self.max_model_len,
         )
-        return torch.tensor(ids, dtype=torch.int64, device=dev), ctx, sample_idx, token_slots
+        return torch.tensor(ids, dtype=torch.int64, device=dev), ctx, token_slots
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> dict[str, tuple[int, TokenLogprob | None]]:
@@ -131,5 +156,5 @@ class ModelRunner:
     @torch.inference_mode()
     def forward_logits(self, batch: ScheduledBatch) -> torch.Tensor:
         """Logits of every scheduled token (tests compare these with transformers)."""
-        input_ids, ctx, _, _ = self._prepare(batch)
+        input_ids, ctx, _, _ = self._prepare(batch, all_logits=True)
         return self.model.compute_logits(self.model(input_ids, ctx, self.kv_caches))
