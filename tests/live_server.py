@@ -52,4 +52,7 @@ def live_server(cache_dir: Path, **config_overrides):
         yield base, runtime
     finally:
         server.should_exit = True
-        thread.join(timeout=15)
+        thread.join(timeout=3)
+        if thread.is_alive():  # idle keep-alive connections hold a graceful shutdown open; don't wait them out
+            server.force_exit = True
+            thread.join(timeout=15)
