@@ -62,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(s, "max-adapter-bytes", "largest accepted adapter_model.safetensors in bytes", 4 << 30, int)
     _flag(s, "kernel-backend", "LoRA kernels: auto (triton on CUDA), triton, torch", "auto",
           choices=["auto", "triton", "torch"])
-    _flag(s, "tensor-parallel-size", "GPUs (processes) one model is sharded across; >1 is not yet supported by "
-          "serve (offline engine only: loramux.server.distributed.tp_worker)", 1, int)
+    _flag(s, "tensor-parallel-size", "GPUs (processes) one model is sharded across: rank 0 serves HTTP, N-1 "
+          "worker processes hold the other shards (NCCL on CUDA, gloo on CPU)", 1, int)
     s.add_argument("--enforce-eager", action="store_true", default=_bool_env("enforce-eager"),
                    help="run decode steps eagerly instead of replaying CUDA graphs [env LORAMUX_ENFORCE_EAGER]")
     s.add_argument("--async-adapter-copies", action="store_true", default=_bool_env("async-adapter-copies"),
@@ -134,25 +134,56 @@ def serve(config: ServerConfig) -> int:
     from loramux.server.runtime import Runtime
 
     log = logging.getLogger("loramux")
-    if config.tensor_parallel_size != 1:
-        log.error("--tensor-parallel-size %d: tensor parallelism is not yet supported in serve (only 1); the "
-                  "offline engine supports it (loramux.server.distributed.tp_worker.launch_offline)",
-                  config.tensor_parallel_size)
-        return 2
     # Loading a large model takes a while: a SIGTERM then (e.g. a pod deleted during start-up) exits at once
     # instead of waiting out the grace period. The HTTP server installs its draining handler when it starts.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    group = None
     try:
-        keys = KeyStore.from_file(config.api_keys) if config.api_keys is not None else None
-        runtime = Runtime(config)
-    except (KeyFileError, ModelLoadError, FileNotFoundError) as exc:
-        log.error("%s", exc)
-        return 2
-    server = build_server(create_app(runtime, keys=keys), config)
-    server.run()
-    if getattr(runtime.adapters, "close", None) is not None:
-        runtime.adapters.close()
-    return 0
+        try:
+            keys = KeyStore.from_file(config.api_keys) if config.api_keys is not None else None
+            if config.tensor_parallel_size < 1:
+                raise ModelLoadError("--tensor-parallel-size must be at least 1")
+            if config.tensor_parallel_size > 1:
+                from loramux.server.distributed.tp_serve import TPWorkerGroup
+                from loramux.server.runtime import resolve_device
+
+                try:
+                    group = TPWorkerGroup(config.tensor_parallel_size, resolve_device(config.device))
+                except ValueError as exc:
+                    raise ModelLoadError(str(exc)) from exc
+            runtime = Runtime(config, parallel=None if group is None else group.tp)
+        except (KeyFileError, ModelLoadError, FileNotFoundError) as exc:
+            log.error("%s", exc)
+            return 2
+        server = build_server(create_app(runtime, keys=keys), config)
+        if group is not None:
+            group.watch(lambda reason: _tp_failure(runtime, server, reason))
+        server.run()
+        if getattr(runtime.adapters, "close", None) is not None:
+            runtime.adapters.close()
+        return 1 if group is not None and group.failed else 0
+    finally:
+        if group is not None:
+            group.stop()
+
+
+def _tp_failure(runtime, server, reason: str) -> None:
+    """A tensor-parallel worker died: /health and /ready answer 503 and open requests fail at once; a second
+    later (probes and clients see the 503) the server shuts down and exits 1, or is cut short after 20 s more
+    if rank 0 is stuck in a collective that will never complete."""
+    import threading
+    import time
+
+    runtime.async_engine.fail(RuntimeError(reason))
+
+    def stop() -> None:
+        time.sleep(1.0)
+        server.should_exit = True
+        time.sleep(20.0)
+        logging.getLogger("loramux").error("still running 20 s after a worker died: exiting now")
+        os._exit(1)
+
+    threading.Thread(target=stop, name="loramux-tp-stop", daemon=True).start()
 
 
 def main(argv: list[str] | None = None) -> int:

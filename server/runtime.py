@@ -84,6 +84,14 @@ def attach_adapters(engine: Engine, service: AdapterService, async_copies: bool 
     """Give the engine GPU adapter slots managed by `service` (which also becomes the scheduler's gate).
     async_copies: CPU -> GPU slot copies on a side stream (CUDA only; not yet verified on a GPU, so opt-in)."""
     runner = engine.runner
+    if runner.parallel is not None:  # tensor parallelism: rank 0's slot loads are mirrored to the other ranks
+        from loramux.server.distributed.tp_lora import TPLoRASlots
+
+        service.device_slots = TPLoRASlots(runner.model, service.table.num_slots, service.spec.max_lora_rank,
+                                           runner.dtype, runner.device, service.table, runner.parallel)
+        runner.lora_slots = service.device_slots
+        engine.scheduler.gate = service
+        return
     service.device_slots = LoRASlots(runner.model, service.table.num_slots, service.spec.max_lora_rank,
                                      runner.dtype, runner.device, service.table, async_copies=async_copies)
     runner.lora_slots = service.device_slots
@@ -93,8 +101,9 @@ def attach_adapters(engine: Engine, service: AdapterService, async_copies: bool 
 class Runtime:
     """Everything the HTTP layer needs: tokenizer, async engine, served names, adapter resolution."""
 
-    def __init__(self, config: ServerConfig):
-        self.config = config
+    def __init__(self, config: ServerConfig, parallel=None):
+        """parallel: rank 0's TPState under tensor parallelism (distributed.tp_serve starts the other ranks)."""
+        self.config, self.parallel = config, parallel
         self.created = int(time.time())
         from loramux.server.models.demo import ensure_demo_model
 
@@ -139,8 +148,11 @@ class Runtime:
                                 max_num_batched_tokens=config.max_num_batched_tokens,
                                 max_model_len=max_len, max_loras=config.max_loras,
                                 max_adapter_wait_steps=config.max_adapter_wait_steps)
+        if parallel is not None:
+            self.device = parallel.device
+            self._start_tp_workers(weights_dir, max_len, num_blocks, sched, eos)
         self.engine = build_engine(weights_dir, mcfg, self.dtype, self.device, max_len, num_blocks, sched, eos,
-                                   config.block_size, config.kernel_backend)
+                                   config.block_size, config.kernel_backend, parallel=parallel)
         if weights_dir is None:  # random weights: sample only ids the byte-level tokenizer can turn into text
             from loramux.server.engine.sampler import Sampler
 
@@ -156,7 +168,7 @@ class Runtime:
         log.info("adapters: %d GPU slots of rank <= %d (%.1f MiB), registry %s", config.max_loras,
                  config.max_lora_rank, self.adapters.device_slots.nbytes / 2**20, config.resolved_adapter_dir)
         self._register_startup_adapters(config)
-        if self.device.type == "cuda" and not config.enforce_eager:
+        if self.device.type == "cuda" and not config.enforce_eager and parallel is None:
             self.engine.runner.enable_cuda_graphs(config.max_num_seqs)
         self.async_engine = AsyncEngine(self.engine, self.tokenizer)
         self.ready = False
@@ -164,6 +176,17 @@ class Runtime:
         log.info("serving %s on %s (%s): max_model_len %d, %d KV blocks (%d tokens)", self.model_name,
                  self.device, str(self.dtype).replace("torch.", ""), max_len, num_blocks,
                  num_blocks * config.block_size)
+
+    def _start_tp_workers(self, weights_dir, max_len, num_blocks, sched, eos) -> None:
+        """Send the other ranks what they need to build their shards (the same as rank 0's engine)."""
+        from loramux.server.distributed.tp_worker import TPEngineSpec
+
+        if weights_dir is None:
+            raise ModelLoadError("--tensor-parallel-size > 1 needs a model folder (random weights are per rank)")
+        c = self.config
+        spec = TPEngineSpec(weights_dir, self.dtype, str(self.device), max_len, c.block_size, num_blocks,
+                            c.kernel_backend, c.max_loras, c.max_lora_rank, sched, eos)
+        self.parallel.broadcast_object(("spec", spec))
 
     def _register_startup_adapters(self, config: ServerConfig) -> None:
         for name, path in config.adapters:

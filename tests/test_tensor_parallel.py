@@ -87,10 +87,16 @@ def test_tp2_with_one_kv_head_replicated(tmp_path):
     _check(tmp_path, base, adapters)
 
 
-def test_serve_refuses_tensor_parallel_for_now(tmp_path):
+def test_serve_tensor_parallel_bad_setup_exits_2_and_stops_workers(tmp_path):
+    """serve with N > 1 starts its workers; a setup error (random weights cannot be sharded) stops them again.
+    The serving path itself is tested in test_tensor_parallel_serve.py."""
+    import multiprocessing
+
     from loramux.server.cli import build_parser, config_from_args, serve
 
-    args = build_parser().parse_args(["serve", "--tensor-parallel-size", "2", "--cache-dir", str(tmp_path)])
+    args = build_parser().parse_args(["serve", "--tensor-parallel-size", "2", "--cache-dir", str(tmp_path),
+                                      "--model", "random:tiny", "--device", "cpu"])
     config = config_from_args(args)
     assert config.tensor_parallel_size == 2
     assert serve(config) == 2
+    assert not [p for p in multiprocessing.active_children() if p.name.startswith("loramux-tp")]

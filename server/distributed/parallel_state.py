@@ -42,8 +42,9 @@ class TPState:
 
 
 def init_tensor_parallel(rank: int, world_size: int, device: torch.device | str, init_method: str,
-                         timeout_s: float = 600.0) -> TPState:
-    """Join the group (NCCL when `device` is CUDA, else gloo) and create the gloo host group beside it."""
+                         timeout_s: float = 600.0, cmd_timeout_s: float | None = None) -> TPState:
+    """Join the group (NCCL when `device` is CUDA, else gloo) and create the gloo host group beside it.
+    cmd_timeout_s: give the host (command) group its own timeout (a server's workers wait idle for commands)."""
     device = torch.device(device)
     if device.type == "cuda":
         device = torch.device("cuda", rank if device.index is None else device.index)
@@ -52,7 +53,10 @@ def init_tensor_parallel(rank: int, world_size: int, device: torch.device | str,
     kw = dict(device_id=device) if device.type == "cuda" else {}
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=timeout_s), **kw)
-    cpu_group = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
+    if cmd_timeout_s is not None:
+        cpu_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=cmd_timeout_s))
+    else:
+        cpu_group = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
     os.environ.setdefault("LORAMUX_TP_RANK", str(rank))
     return TPState(rank, world_size, device, dist.group.WORLD, cpu_group)
 

@@ -40,16 +40,15 @@ def build_runner(spec: TPEngineSpec, tp: TPState) -> ModelRunner:
 
 
 def build_driver_engine(spec: TPEngineSpec, tp: TPState, service=None):
-    """Rank 0: runner + Engine (scheduler, sampler); with an AdapterService, TP-aware slots and the slot gate."""
-    from loramux.server.engine.engine import Engine
+    """Rank 0: runner + Engine (scheduler, sampler); with an AdapterService, TP-aware slots and the slot gate.
+    The same path as the server's Runtime: runtime.build_engine(parallel=tp) + runtime.attach_adapters."""
+    from loramux.server.runtime import attach_adapters, build_engine
 
-    runner = build_runner(spec, tp)
-    engine = Engine(runner, spec.sched, spec.num_blocks, spec.block_size, spec.eos_token_ids)
+    engine = build_engine(spec.model_dir, ModelConfig.from_dir(spec.model_dir), spec.dtype, tp.device,
+                          spec.max_model_len, spec.num_blocks, spec.sched, spec.eos_token_ids, spec.block_size,
+                          spec.kernel_backend, parallel=tp)
     if service is not None:
-        service.device_slots = TPLoRASlots(runner.model, service.table.num_slots, service.spec.max_lora_rank,
-                                           runner.dtype, runner.device, service.table, tp)
-        runner.lora_slots = service.device_slots
-        engine.scheduler.gate = service
+        attach_adapters(engine, service)
     return engine
 
 

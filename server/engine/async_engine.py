@@ -73,6 +73,14 @@ class AsyncEngine:
             self.dead = exc
             self._loop.call_soon_threadsafe(self._fail_all, f"engine failure: {exc}")
 
+    def fail(self, exc: BaseException) -> None:
+        """Mark the engine dead from another thread (e.g. a tensor-parallel worker died) and fail open streams."""
+        self.dead = exc
+        self._stop = True
+        self._wake.set()
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._fail_all, f"engine failure: {exc}")
+
     def _drain_commands(self) -> None:
         while True:
             try:
