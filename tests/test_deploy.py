@@ -1,6 +1,6 @@
 """Deployment files (docker/, .dockerignore): Dockerfile, Compose + Prometheus + Grafana, Kubernetes manifests.
 
-Static checks only (no image is built; docker/smoke_test.sh does that). The Kubernetes manifests are rendered
+Static checks only (no image is built; docker/smoke-test.sh does that). The Kubernetes manifests are rendered
 with `kubectl kustomize` when kubectl is installed; without it the raw YAML is still checked with pyyaml.
 Prometheus files are checked with `promtool` when it is installed. The dashboard's metric names are checked
 against what the live demo server's /metrics really exports.
@@ -312,7 +312,7 @@ def _scrape(demo_server) -> str:
 
 
 def test_dashboard_metrics_are_exported(demo_server):
-    """Every metric the dashboard (and docker/smoke_test.sh) queries exists on the server's /metrics."""
+    """Every metric the dashboard (and docker/smoke-test.sh) queries exists on the server's /metrics."""
     text = _scrape(demo_server)
     exported = set(re.findall(r"^# TYPE (\S+) ", text, flags=re.M))
     samples = set(re.findall(r"^([A-Za-z_:][A-Za-z0-9_:]*)[{ ]", text, flags=re.M))
@@ -449,8 +449,8 @@ def test_k8s_servicemonitor_component(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ smoke test
 def test_smoke_test_script_is_valid_bash():
-    script = DOCKER / "smoke_test.sh"
-    assert script.stat().st_mode & 0o111, "smoke_test.sh should be executable"
+    script = DOCKER / "smoke-test.sh"
+    assert script.stat().st_mode & 0o111, "smoke-test.sh should be executable"
     r = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
 

@@ -4,7 +4,7 @@
 # an adapter upload + completion through it, the HEALTHCHECK command, and a clean exit (0) on SIGTERM
 # while a request is in flight (drain).
 #
-#   bash docker/smoke_test.sh            # from the repository root; ~3-4 min cold, ~1 min with a cached build
+#   bash docker/smoke-test.sh            # from the repository root; ~3-4 min cold, ~1 min with a cached build
 #
 # Runtimes (RUNTIME=auto picks the first that works):
 #   buildah  podman build + buildah run with chroot isolation, for hosts without a container engine (this
