@@ -6,6 +6,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from loramux.kernels import fused_ops
+
 from .forward_context import ForwardContext
 
 
@@ -14,11 +16,17 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size, dtype=dtype, device=device), requires_grad=False)
         self.eps = eps
+        # LORAMUX_FUSED_OPS=1 (read once, here): the decoder calls fused() instead of forward()
+        self.fused_backend = fused_ops.resolve_backend("auto", device) if fused_ops.enabled() else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
+
+    def fused(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normed, new_residual) with new_residual = x + residual (x when None); see kernels.fused_ops."""
+        return fused_ops.rms_norm(x, self.weight, self.eps, residual, backend=self.fused_backend or "auto")
 
 
 @dataclass

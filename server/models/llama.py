@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from loramux.kernels import fused_ops
 from loramux.kernels.attention import paged_attention, write_kv
 
 from .forward_context import ForwardContext
@@ -31,10 +32,11 @@ class DecoderLayer(nn.Module):
         self.down_proj = PackedLinear(cfg.intermediate_size, [h], cfg.mlp_bias, dtype, device)
         self.scale = cfg.head_dim ** -0.5
 
-    def forward(self, x: torch.Tensor, ctx: ForwardContext, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def _attention(self, h: torch.Tensor, ctx: ForwardContext, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Normed hidden [T, hidden] -> o_proj output [T, hidden] (no residual)."""
         cfg = self.cfg
-        T = x.shape[0]
-        qkv = self.qkv_proj(self.input_layernorm(x), ctx)
+        T = h.shape[0]
+        qkv = self.qkv_proj(h, ctx)
         q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
         q = q.reshape(T, cfg.num_heads, cfg.head_dim)
         k = k.reshape(T, cfg.num_kv_heads, cfg.head_dim)
@@ -43,9 +45,21 @@ class DecoderLayer(nn.Module):
         write_kv(k, v, kv[0], kv[1], ctx.slot_mapping)
         attn = paged_attention(q, kv[0], kv[1], ctx.block_tables, ctx.seq_lens, ctx.seq_lens_list,
                                ctx.query_lens, self.scale, cfg.sliding_window)
-        x = x + self.o_proj(attn.reshape(T, cfg.q_size), ctx)
+        return self.o_proj(attn.reshape(T, cfg.q_size), ctx)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x = x + self._attention(self.input_layernorm(x), ctx, kv)
         gate, up = self.gate_up_proj(self.post_attention_layernorm(x), ctx).chunk(2, dim=-1)
         return x + self.down_proj(nn.functional.silu(gate) * up, ctx)
+
+    def forward_fused(self, x: torch.Tensor, residual: torch.Tensor | None, ctx: ForwardContext,
+                      kv: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """LORAMUX_FUSED_OPS=1 path, residual stream carried separately (x + residual is the stream):
+        -> (this layer's MLP output, stream before it); same math as forward()."""
+        h, residual = self.input_layernorm.fused(x, residual)
+        h, residual = self.post_attention_layernorm.fused(self._attention(h, ctx, kv), residual)
+        act = fused_ops.silu_mul(self.gate_up_proj(h, ctx), backend=self.post_attention_layernorm.fused_backend)
+        return self.down_proj(act, ctx), residual
 
 
 class DecoderModel(nn.Module):
@@ -67,6 +81,11 @@ class DecoderModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
+        if self.norm.fused_backend is not None:  # LORAMUX_FUSED_OPS=1, read when the model was built
+            residual = None
+            for layer, kv in zip(self.layers, kv_caches):
+                x, residual = layer.forward_fused(x, residual, ctx, kv)
+            return self.norm.fused(x, residual)[0]
         for layer, kv in zip(self.layers, kv_caches):
             x = layer(x, ctx, kv)
         return self.norm(x)
