@@ -8,13 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from loramux.server.models.layers import PackedLinear
 from loramux.server.models.llama import DecoderModel
 from loramux.server.models.model_config import ModelConfig, ModelLoadError
-from loramux.server.models.weights import _LAYER_KEY, _target, checkpoint_files
+from loramux.server.models.weights import _LAYER_KEY, load_weights
 
 from .parallel_state import TPState
 
@@ -132,27 +131,8 @@ def _shard(key: str, src: torch.Tensor, plan: ShardPlan, head_dim: int) -> torch
 
 
 def load_weights_tp(model: TPDecoderModel, model_dir: Path) -> None:
-    """Like weights.load_weights, but each rank copies only its own shard of every tensor."""
-    files, filled, t0 = checkpoint_files(model_dir), {}, time.monotonic()
-    for path in files:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for key in f.keys():
-                try:
-                    target = _target(model, key)
-                except KeyError:
-                    raise ModelLoadError(f"{path.name}: unexpected tensor {key!r} for this architecture") from None
-                if target is None:
-                    continue
-                param, rows = target
-                dst = param.data if rows is None else param.data[rows]
-                src = _shard(key, f.get_tensor(key), model.plan, model.full_cfg.head_dim)
-                if tuple(src.shape) != tuple(dst.shape):
-                    raise ModelLoadError(f"{path.name}: tensor {key!r} shard has shape {tuple(src.shape)}, "
-                                         f"expected {tuple(dst.shape)}")
-                dst.copy_(src)
-                filled[id(param)] = filled.get(id(param), 0) + dst.shape[0]
-    for name, param in model.named_parameters():
-        if filled.get(id(param), 0) != param.shape[0]:
-            raise ModelLoadError(f"{model_dir}: checkpoint is missing (or repeats) weights for {name}")
+    """weights.load_weights, with each rank copying only its own shard of every tensor."""
+    t0 = time.monotonic()
+    load_weights(model, model_dir, transform=lambda key, src: _shard(key, src, model.plan, model.full_cfg.head_dim))
     log.info("rank %d/%d: loaded its weight shards in %.1fs", model.tp.rank, model.tp.world_size,
              time.monotonic() - t0)

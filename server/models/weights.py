@@ -72,8 +72,9 @@ def _target(model, key: str):
     raise KeyError(key)
 
 
-def load_weights(model, model_dir: Path) -> None:
-    """Copy every tensor into place (cast to the model dtype); every parameter must be filled exactly once."""
+def load_weights(model, model_dir: Path, transform=None) -> None:
+    """Copy every tensor into place (cast to the model dtype); every parameter must be filled exactly once.
+    transform(key, tensor) -> tensor, if given, maps each checkpoint tensor first (a tensor-parallel rank's shard)."""
     files = checkpoint_files(model_dir)
     filled: dict[int, int] = {}
     t0 = time.monotonic()
@@ -93,6 +94,8 @@ def load_weights(model, model_dir: Path) -> None:
                 param, rows = target
                 dst = param.data if rows is None else param.data[rows]
                 src = f.get_tensor(key)
+                if transform is not None:
+                    src = transform(key, src)
                 if tuple(src.shape) != tuple(dst.shape):
                     raise ModelLoadError(f"{path.name}: tensor {key!r} has shape {tuple(src.shape)}, "
                                          f"expected {tuple(dst.shape)} from config.json")
