@@ -8,27 +8,22 @@ import pytest
 from loramux.server.engine.block_manager import BlockManager
 from loramux.server.engine.request import Request, RequestStatus, SamplingParams
 from loramux.server.engine.scheduler import Scheduler, SchedulerConfig
+from test_block_manager_scheduler import FakeGate
 
 
-class Gate:
-    """Slots as refcounts; `resident` adapters count as loaded; records prefetch calls."""
+class Gate(FakeGate):
+    """FakeGate's refcounted slots; `resident` adapters count as loaded; records prefetch calls."""
 
     def __init__(self, slots: int, resident: set[str] | None = None):
-        self.slots, self.refs, self.resident, self.prefetched = slots, {}, set(resident or ()), []
+        super().__init__(slots)
+        self.resident, self.prefetched = set(resident or ()), []
         self.waits: list[float] = []
 
     def try_acquire(self, aid):
-        if aid not in self.refs and len(self.refs) >= self.slots:
+        if not super().try_acquire(aid):
             return False
-        self.refs[aid] = self.refs.get(aid, 0) + 1
         self.resident.add(aid)
         return True
-
-    def release(self, aid):
-        self.refs[aid] -= 1
-        assert self.refs[aid] >= 0
-        if self.refs[aid] == 0:
-            del self.refs[aid]
 
     def is_resident(self, aid):
         return aid in self.resident
