@@ -6,9 +6,12 @@ from typing import Any
 # Window of prompt tokens used as left context, so tokenizers whose decoders strip or merge at the start
 # of a sequence (SentencePiece "▁", byte fallback) decode the first output tokens as a continuation.
 _CONTEXT_TOKENS = 5
-# While decoded text ends in U+FFFD we wait for the rest of a multi-byte character (at most 3 more bytes).
-# After this many consecutive held pushes the bytes are garbage, not incomplete: emit them (bounds the window).
-_MAX_HELD_PUSHES = 8
+# An unfinished UTF-8 character spans at most 4 byte tokens: the clean token boundary before it is searched
+# within that many trailing tokens.
+_MAX_PENDING_TOKENS = 4
+# This many tokens without any new text means garbage bytes, not an unfinished character (which completes
+# within 3 more bytes): emit them as decoded (U+FFFD included) and start afresh, bounding the window.
+_MAX_STALLED_TOKENS = 8
 
 
 class IncrementalDetokenizer:
@@ -22,7 +25,8 @@ class IncrementalDetokenizer:
         self._read = len(self._ids)  # tokens before this have been turned into text
         self._prefix_text = self._decode(self._prefix, self._read)
         self._chunks: list[str] = []
-        self._held = 0  # consecutive pushes held back
+        self._sent = 0  # characters of the current window's new text already emitted
+        self._stalled = 0  # tokens pushed since the window's text last grew (garbage detection)
 
     def _decode(self, start: int, end: int | None = None) -> str:
         return self._tok.decode(self._ids[start:end], skip_special_tokens=self._skip)
@@ -32,18 +36,36 @@ class IncrementalDetokenizer:
         if not token_ids:
             return ""
         self._ids.extend(token_ids)
+        end = len(self._ids)
         full = self._decode(self._prefix)
-        if full.endswith("\ufffd") and self._held < _MAX_HELD_PUSHES:
-            self._held += 1
-            return ""  # probably an incomplete UTF-8 sequence: wait for its remaining bytes
-        return self._advance(full)
+        if not full.endswith("\ufffd"):
+            return self._advance(full, end)
+        # An unfinished character: close the window at the last clean token boundary before it, if any.
+        for k in range(1, min(_MAX_PENDING_TOKENS, end - self._read) + 1):
+            part = self._decode(self._prefix, end - k)
+            if not part.endswith("\ufffd"):
+                return self._advance(part, end - k)
+        # Tokens straddle character boundaries here: emit the text before the U+FFFD run, keep the window open.
+        new = full.rstrip("\ufffd")[len(self._prefix_text) + self._sent:]
+        self._stalled = 0 if new else self._stalled + len(token_ids)
+        if self._stalled > _MAX_STALLED_TOKENS:
+            return self._advance(full, end)
+        self._sent += len(new)
+        if new:
+            self._chunks.append(new)
+        return new
 
-    def _advance(self, full: str) -> str:
-        # The window's earlier tokens decode to prefix_text; what follows it is new.
-        new = full[len(self._prefix_text):]
-        self._held = 0
-        self._prefix, self._read = self._read, len(self._ids)
-        self._prefix_text = self._decode(self._prefix, self._read)
+    def _advance(self, text: str, upto: int) -> str:
+        """Emit the rest of text = decode(ids[prefix:upto]); the next window starts at `upto`."""
+        # The window's earlier tokens decode to prefix_text; what follows it is new (minus what was already sent).
+        new = text[len(self._prefix_text) + self._sent:]
+        self._stalled = 0
+        if upto > self._read:
+            self._sent = 0
+            self._prefix, self._read = self._read, upto
+            self._prefix_text = self._decode(self._prefix, self._read)
+        else:
+            self._sent += len(new)
         # Drop tokens that can no longer be part of the window (keeps memory O(window)).
         if self._prefix > 64:
             del self._ids[:self._prefix]
@@ -57,7 +79,7 @@ class IncrementalDetokenizer:
         """End of generation: return any held-back text (e.g. a truncated multi-byte character)."""
         if self._read == len(self._ids):
             return ""
-        return self._advance(self._decode(self._prefix))
+        return self._advance(self._decode(self._prefix), len(self._ids))
 
     @property
     def text(self) -> str:
