@@ -67,10 +67,6 @@ def _top(rt, token_id: int, logprob: float) -> TopLogprob:
     return TopLogprob(token=tok, logprob=max(logprob, -9999.0), bytes=list(tok.encode("utf-8")))
 
 
-def _reason(reason: str | None) -> str | None:
-    return reason  # "stop", "length", or "abort" (aborted by the server, e.g. at the end of a drain)
-
-
 @router.post("/v1/chat/completions")
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     rt = request.app.state.runtime
@@ -109,7 +105,7 @@ async def _create(rt, body: ChatCompletionRequest, request: Request, ticket, max
     async def collect() -> ChatCompletionResponse:
         texts, deltas, done = await collect_streams(streams)
         choices = [ChatChoice(index=i, message=ChatMessageOut(content=texts[i]),
-                              finish_reason=_reason(done[i].finish_reason) if i in done else "stop",
+                              finish_reason=done[i].finish_reason if i in done else "stop",
                               logprobs=_logprobs(rt, deltas[i]) if body.logprobs else None) for i in range(body.n)]
         return ChatCompletionResponse(id=rid, created=created, model=model_name, choices=choices,
                                       usage=UsageInfo(**usage_of(done, body.n)))
@@ -138,7 +134,7 @@ async def _stream(rt, rid, created, model_name, streams, n: int, include_usage: 
                 yield chunk(i, {"content": d.text}, None, lp)
             if d.finish_reason is not None:
                 done[i] = d
-                yield chunk(i, {}, _reason(d.finish_reason))
+                yield chunk(i, {}, d.finish_reason)
     if include_usage:
         yield sse(dict(base, choices=[], usage=usage_of(done, n)))
     yield sse("[DONE]")

@@ -93,17 +93,13 @@ async def _create(rt, body: CompletionRequest, request: Request, ticket):
     async def collect() -> CompletionResponse:
         texts, deltas, done = await collect_streams(streams)
         choices = [CompletionChoice(index=i, text=prefixes[i] + texts[i],
-                                    finish_reason=_reason(done[i].finish_reason) if i in done else None,
+                                    finish_reason=done[i].finish_reason if i in done else None,
                                     logprobs=_logprobs_block(rt, deltas[i], len(prefixes[i]))
                                     if body.logprobs is not None else None) for i in range(len(streams))]
         return CompletionResponse(id=rid, created=created, model=model_name, choices=choices,
                                   usage=UsageInfo(**usage_of(done, body.n)))
 
     return await unless_disconnected(request, collect())
-
-
-def _reason(reason: str | None) -> str | None:
-    return reason  # "stop", "length", or "abort" (aborted by the server, e.g. at the end of a drain)
 
 
 async def _stream(rt, rid, created, model_name, streams, prefixes, n: int, include_usage: bool):
@@ -124,7 +120,7 @@ async def _stream(rt, rid, created, model_name, streams, prefixes, n: int, inclu
                 break
             lp = _logprobs_block(rt, [d], 0).model_dump() if d.logprobs else None
             if d.text or d.finish_reason is not None or lp:
-                yield sse(chunk(i, d.text, _reason(d.finish_reason), lp))
+                yield sse(chunk(i, d.text, d.finish_reason, lp))
             if d.finish_reason is not None:
                 usage.completion_tokens += d.completion_tokens
                 if i // n not in counted:

@@ -44,8 +44,7 @@ class ModelRunner:
         self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=self.device),
                            torch.zeros(shape, dtype=dtype, device=self.device))
                           for _ in range(model_config.num_layers)]
-        self.kv_bytes = 2 * model_config.num_layers * num_blocks * block_size * model_config.kv_size * \
-            torch.tensor([], dtype=dtype).element_size()
+        self.kv_bytes = num_blocks * self.kv_bytes_per_block(self.model.cfg, block_size, dtype)  # this rank's share
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.sampler = Sampler(model_config.vocab_size)
         self.lora_slots = lora_slots  # runner.lora_slots.LoRASlots or None
