@@ -7,13 +7,13 @@ import torch
 
 from .backend import resolve
 
-ENABLE_ENV = "LORAMUX_FUSED_OPS"  # "1": the model uses these ops (opt-in; default off, see docs/performance.md)
+ENABLE_ENV = "LORAMUX_FUSED_OPS"  # default on; "0" turns them off (the unfused path stays as the reference)
 BACKEND_ENV = "LORAMUX_FUSED_OPS_BACKEND"  # "auto" | "triton" | "torch"
 
 
 def enabled() -> bool:
     """Whether the model should use the fused ops; callers read it once, at construction."""
-    return os.environ.get(ENABLE_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
+    return os.environ.get(ENABLE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def resolve_backend(name: str, device: torch.device | str) -> str:

@@ -68,6 +68,8 @@ def test_dispatch_torch_backend_and_env(monkeypatch):
     with pytest.raises(ValueError):
         fused_ops.resolve_backend("auto", "cpu")
     monkeypatch.delenv("LORAMUX_FUSED_OPS", raising=False)
+    assert fused_ops.enabled()  # on by default
+    monkeypatch.setenv("LORAMUX_FUSED_OPS", "0")
     assert not fused_ops.enabled()
     monkeypatch.setenv("LORAMUX_FUSED_OPS", "1")
     assert fused_ops.enabled()

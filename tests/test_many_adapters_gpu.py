@@ -33,7 +33,7 @@ def _engine(base, adapters, tmp, max_loras: int, max_seqs: int = 8):
     svc = AdapterService(tmp, cfg.raw, torch.float32, max_loras, 32, 3)
     for name, path in adapters.items():
         svc.register_dir(name, path)
-    attach_adapters(engine, svc)
+    attach_adapters(engine, svc, async_copies=True)
     assert svc.device_slots.async_copies
     return engine, svc
 

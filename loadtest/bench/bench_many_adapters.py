@@ -38,12 +38,16 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
+def model_dtype(args) -> torch.dtype:
+    return torch.bfloat16 if torch.device(args.device).type == "cuda" else torch.float32
+
+
 def make_service(args, cfg, tmp: Path, ids: list[str], rank_of: dict) -> AdapterService:
     """AdapterService whose store maps each id onto the random PEFT folder of its rank."""
     folders = {}
     for r in sorted(set(rank_of.values())):
         folders[r] = write_random_adapter(tmp / f"rank{r}", cfg.raw, r, 2.0 * r, list(MODULES), seed=r)
-    svc = AdapterService(tmp / "registry", cfg.raw, torch.bfloat16, args.max_loras, max(rank_of.values()),
+    svc = AdapterService(tmp / "registry", cfg.raw, model_dtype(args), args.max_loras, max(rank_of.values()),
                          args.max_cpu_loras, max_cpu_bytes=args.max_cpu_lora_bytes or None)
     svc.store.path_of = lambda key: folders.get(rank_of.get(key))  # the loader reads through this
     return svc
@@ -55,10 +59,10 @@ def make_engine(args, cfg, svc: AdapterService):
     sched = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                             max_model_len=max_len, max_loras=args.max_loras,
                             max_adapter_wait_steps=args.max_adapter_wait_steps)
-    engine = build_engine(None, cfg, torch.bfloat16, torch.device("cuda"), max_len, blocks, sched, [],
-                          kernel_backend="auto")
-    attach_adapters(engine, svc)
-    if not args.enforce_eager:
+    dev = torch.device(args.device)
+    engine = build_engine(None, cfg, model_dtype(args), dev, max_len, blocks, sched, [], kernel_backend="auto")
+    attach_adapters(engine, svc, async_copies=args.async_adapter_copies)
+    if not args.enforce_eager and dev.type == "cuda":
         engine.runner.enable_cuda_graphs(args.max_num_seqs)
     return engine
 
@@ -78,18 +82,22 @@ def warm_up(engine, args, adapter: str, vocab: int) -> None:
     drain(engine)
 
 
-def saturation_rate(engine, args, adapter: str, vocab: int, seconds: float = 20.0) -> float:
-    """Requests/s the engine completes with --max-num-seqs requests of one adapter always in flight."""
+def saturation_rate(engine, args, pick_adapter, vocab: int, seconds: float = 20.0) -> tuple[float, float]:
+    """Closed loop, --max-num-seqs requests always in flight, each on pick_adapter(rng) -> (requests/s,
+    generated tokens/s)."""
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
-    rng, n, done, t0 = random.Random(1), 0, 0, time.perf_counter()
+    rng, n, done, tokens, t0 = random.Random(1), 0, 0, 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         while len(engine.requests) < args.max_num_seqs:
-            engine.add_request(f"s{n}", [rng.randrange(1, vocab) for _ in range(args.prompt_len)], params, adapter)
+            engine.add_request(f"s{n}-{t0}", [rng.randrange(1, vocab) for _ in range(args.prompt_len)], params,
+                               pick_adapter(rng))
             n += 1
-        done += sum(o.finished for o in engine.step())
-    rate = done / (time.perf_counter() - t0)
+        outs = engine.step()
+        done += sum(o.finished for o in outs)
+        tokens += sum(len(o.new_token_ids) for o in outs)
+    wall = time.perf_counter() - t0
     drain(engine)
-    return rate
+    return done / wall, tokens / wall
 
 
 def run(engine, svc, args, arrivals: list[float], adapters: list[str], vocab: int) -> dict:
@@ -156,7 +164,10 @@ def main(argv=None) -> dict:
     p.add_argument("--load", type=float, default=0.9, help="arrival rate as a fraction of the saturation rate")
     p.add_argument("--rate", type=float, default=0.0, help="arrivals per second (0: --load x saturation)")
     p.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per run")
+    p.add_argument("--saturation-seconds", type=float, default=20.0, help="length of each closed-loop run")
+    p.add_argument("--async-adapter-copies", action="store_true", help="CPU -> GPU slot copies on a side stream")
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu: smoke runs only")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     cfg = shape_config(args.shape)
@@ -168,15 +179,19 @@ def main(argv=None) -> dict:
     engine = make_engine(args, cfg, svc)
     vocab = cfg.vocab_size
     warm_up(engine, args, ids[0], vocab)
-    rate = args.rate or args.load * saturation_rate(engine, args, ids[0], vocab)
     rng = random.Random(0)
+    weights = [1.0 / (k + 1) ** args.zipf for k in range(len(ids))]
+    sat_single = saturation_rate(engine, args, lambda r: ids[0], vocab, args.saturation_seconds)
+    sat_many = saturation_rate(engine, args, lambda r: r.choices(ids, weights)[0], vocab, args.saturation_seconds)
+    print(f"closed loop: single {sat_single[1]:.0f} tok/s, many {sat_many[1]:.0f} tok/s "
+          f"(ratio {sat_many[1] / sat_single[1]:.3f})", flush=True)
+    rate = args.rate or args.load * sat_single[0]
     arrivals, t = [], 0.0
     while True:
         t += rng.expovariate(rate)
         if t > args.duration:
             break
         arrivals.append(t)
-    weights = [1.0 / (k + 1) ** args.zipf for k in range(len(ids))]
     many = rng.choices(ids, weights, k=len(arrivals))
     single = run(engine, svc, args, arrivals, [ids[0]] * len(arrivals), vocab)
     before = svc.stats()
@@ -189,14 +204,17 @@ def main(argv=None) -> dict:
     out = {"shape": args.shape, "adapters": args.adapters, "ranks": ranks, "zipf": args.zipf,
            "max_loras": args.max_loras, "rate_req_s": rate, "single": single, "many": result,
            "throughput_ratio": result["tok_s"] / single["tok_s"],
+           "closed_loop_tok_s": {"single": sat_single[1], "many": sat_many[1]},
+           "closed_loop_ratio": sat_many[1] / sat_single[1],
            "ttft_cold_minus_warm_p50_ms": result["ttft_cold_p50_ms"] - result["ttft_warm_p50_ms"],
            "itl_p99_increase": result["itl_warm_loading_p99_ms"] / single["itl_warm_p99_ms"] - 1.0,
-           "counters": counters, "mb_per_rank": {rank_of[a]: mb for a, mb in adapter_mb.items()},
+           "counters": counters, "mb_per_rank": adapter_mb,
            "gpu_load_latency": after["load_latency_seconds"]["gpu"], "disk_load_latency":
            after["load_latency_seconds"]["disk"], "wait_seconds": after["wait_seconds"]}
     print(json.dumps({k: v for k, v in out.items() if not k.endswith("latency") and k != "wait_seconds"},
                      indent=1, default=str))
-    print(f"throughput many/single {out['throughput_ratio']:.3f} (target >= 0.85); TTFT cold - warm p50 "
+    print(f"closed-loop throughput many/single {out['closed_loop_ratio']:.3f} (target >= 0.85); open-loop "
+          f"{out['throughput_ratio']:.3f}; TTFT cold - warm p50 "
           f"{out['ttft_cold_minus_warm_p50_ms']:.1f} ms (target <= 30); ITL p99 warm during loads "
           f"{out['itl_p99_increase'] * 100:+.1f}% vs single (target <= +10%)")
     if args.json:

@@ -16,7 +16,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size, dtype=dtype, device=device), requires_grad=False)
         self.eps = eps
-        # LORAMUX_FUSED_OPS=1 (read once, here): the decoder calls fused() instead of forward()
+        # fused ops on (LORAMUX_FUSED_OPS, default 1; read once, here): the decoder calls fused(), not forward()
         self.fused_backend = fused_ops.resolve_backend("auto", device) if fused_ops.enabled() else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

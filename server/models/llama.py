@@ -54,7 +54,7 @@ class DecoderLayer(nn.Module):
 
     def forward_fused(self, x: torch.Tensor, residual: torch.Tensor | None, ctx: ForwardContext,
                       kv: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """LORAMUX_FUSED_OPS=1 path, residual stream carried separately (x + residual is the stream):
+        """Fused-ops path (the default), residual stream carried separately (x + residual is the stream):
         -> (this layer's MLP output, stream before it); same math as forward()."""
         h, residual = self.input_layernorm.fused(x, residual)
         h, residual = self.post_attention_layernorm.fused(self._attention(h, ctx, kv), residual)
@@ -81,7 +81,7 @@ class DecoderModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
-        if self.norm.fused_backend is not None:  # LORAMUX_FUSED_OPS=1, read when the model was built
+        if self.norm.fused_backend is not None:  # fused ops on (default), read when the model was built
             residual = None
             for layer, kv in zip(self.layers, kv_caches):
                 x, residual = layer.forward_fused(x, residual, ctx, kv)
