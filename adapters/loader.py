@@ -1,6 +1,7 @@
 """load_adapter: a PEFT folder on disk -> validated LoadedAdapter with per-module A, B and scale."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,7 +11,8 @@ from .config import MAX_CONFIG_BYTES, LoraConfig, parse_lora_config
 from .errors import NOT_FOUND, AdapterError, unsupported
 from .safetensors_io import WEIGHTS_FILE, load_safetensors, parse_header, read_bytes
 from .spec import BaseModelSpec
-from .validate import check_structure, convert
+from .packed import PackedAdapter, pack
+from .validate import all_finite, check_finite, check_structure
 
 CONFIG_FILE = "adapter_config.json"
 MAX_WEIGHTS_BYTES = 4 << 30
@@ -26,10 +28,33 @@ class LoadedAdapter:
     scales: dict[tuple[int, str], float]
     max_rank: int
     nbytes: int
+    num_layers: int = 0  # of the base model (0: unknown, then the highest layer named + 1)
+    packed: PackedAdapter | None = None  # slot-ready form; `weights` are views into it when set
 
     def pin_memory(self) -> "LoadedAdapter":
-        """Page-lock every tensor in place (for async host->GPU copies); needs CUDA."""
-        self.weights = {k: (a.pin_memory(), b.pin_memory()) for k, (a, b) in self.weights.items()}
+        """Page-lock the weights (for async host->GPU copies; needs CUDA): packs them into one pinned buffer."""
+        if self.packed is not None and self.packed.is_pinned:
+            return self
+        if self.packed is not None:
+            packed = self.packed.pinned()
+            self.weights = {lm: (packed.a[lm[1]][lm[0], :a.shape[0]], packed.b[lm[1]][lm[0], :, :a.shape[0]])
+                            for lm, (a, _) in self.weights.items()}
+            self.packed = packed
+        else:
+            self.pack(pin=True)
+        return self
+
+    def unpacked(self) -> "LoadedAdapter":
+        """A copy whose weights own their memory and has no packed form: pickling a view would serialize the
+        whole packed buffer once per tensor (tensor parallelism sends adapters to worker ranks)."""
+        weights = {lm: (a.clone(), b.clone()) for lm, (a, b) in self.weights.items()}
+        return dataclasses.replace(self, weights=weights, packed=None)
+
+    def pack(self, pin: bool = False) -> "LoadedAdapter":
+        """Build the packed form (weights become views into it; their values are unchanged)."""
+        layers = self.num_layers or 1 + max((layer for layer, _ in self.weights), default=0)
+        dtype = next(iter(self.weights.values()))[0].dtype if self.weights else torch.float32
+        self.packed, self.weights = pack(self.weights, self.scales, layers, dtype, pin)
         return self
 
 
@@ -54,21 +79,30 @@ def read_config(path: Path) -> LoraConfig:
 
 
 def build(config: LoraConfig, data: bytes, spec: BaseModelSpec, dtype: torch.dtype,
-          adapter_id: str | None = None) -> LoadedAdapter:
-    """Validate weights bytes against config + spec (header first, then values) and cast to `dtype`."""
+          adapter_id: str | None = None, pin: bool = False) -> LoadedAdapter:
+    """Validate weights bytes against config + spec (header first, then values), cast to `dtype` straight into
+    the packed form (pinned with pin=True, falling back to pageable memory when page-locking fails)."""
     pairs = check_structure(parse_header(data), config, spec)
-    weights = convert(load_safetensors(data), pairs, dtype)
+    tensors = load_safetensors(data)
+    weights = {lm: (tensors[ka], tensors[kb]) for lm, (ka, kb) in pairs.items()}
     scales = {lm: config.scale_for(*lm) for lm in weights}
-    nbytes = sum(a.nbytes + b.nbytes for a, b in weights.values())
-    max_rank = max(a.shape[0] for a, _ in weights.values())
-    return LoadedAdapter(adapter_id, config, weights, scales, max_rank, nbytes)
+    try:
+        packed, views = pack(weights, scales, spec.num_layers, dtype, pin)
+    except RuntimeError:  # page-locked memory exhausted: pageable still works, only uploads are slower
+        packed, views = pack(weights, scales, spec.num_layers, dtype, False)
+    if not all_finite([*packed.a.values(), *packed.b.values()]):
+        check_finite(tensors, pairs, dtype)  # names the tensor; passes only if a finite sum overflowed
+    nbytes = sum(a.nbytes + b.nbytes for a, b in views.values())
+    max_rank = max(a.shape[0] for a, _ in views.values())
+    return LoadedAdapter(adapter_id, config, views, scales, max_rank, nbytes, spec.num_layers, packed)
 
 
 def load_adapter(path: Path, spec: BaseModelSpec, dtype: torch.dtype = torch.float32,
-                 adapter_id: str | None = None, max_weights_bytes: int = MAX_WEIGHTS_BYTES) -> LoadedAdapter:
+                 adapter_id: str | None = None, max_weights_bytes: int = MAX_WEIGHTS_BYTES,
+                 pin: bool = False) -> LoadedAdapter:
     """Load and fully validate a PEFT LoRA folder; every refusal is an AdapterError naming the key/field."""
     path = Path(path)
     cfg_path, weights_path = check_files(path)
     config = read_config(cfg_path)
     data = read_bytes(weights_path, max_weights_bytes, WEIGHTS_FILE)
-    return build(config, data, spec, dtype, adapter_id)
+    return build(config, data, spec, dtype, adapter_id, pin)

@@ -66,7 +66,7 @@ class AdapterLoader:
             raise AdapterError(f"adapter {adapter_id!r} does not exist", "model", NOT_FOUND)
         t0 = time.perf_counter()
         try:
-            adapter = load_adapter(path, self.spec, self.dtype, adapter_id=adapter_id)
+            adapter = load_adapter(path, self.spec, self.dtype, adapter_id=adapter_id, pin=self.cache.pin)
         except AdapterError:
             raise
         except Exception as exc:  # I/O or decoding trouble: report it, never kill the worker

@@ -105,12 +105,9 @@ def check_structure(header: dict[str, tuple[str, tuple[int, ...]]], config: Lora
     return pairs
 
 
-def convert(tensors: dict[str, torch.Tensor], pairs: dict[tuple[int, str], Pair], dtype: torch.dtype
-            ) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
-    """Refuse NaN/Inf (also after casting, which can overflow fp16) and cast to the serving dtype."""
-    out = {}
-    for lm, keys in pairs.items():
-        ab = []
+def check_finite(tensors: dict[str, torch.Tensor], pairs: dict[tuple[int, str], Pair], dtype: torch.dtype) -> None:
+    """Raise an AdapterError naming the first tensor with NaN/Inf, before or after casting to dtype."""
+    for keys in pairs.values():
         for key in keys:
             t = tensors[key]
             cast = t.to(dtype)
@@ -119,6 +116,9 @@ def convert(tensors: dict[str, torch.Tensor], pairs: dict[tuple[int, str], Pair]
                     bad = "NaN" if bool(torch.isnan(src).any()) else "Inf"
                     how = "" if src is t else f" after casting to {dtype} (values overflow that dtype)"
                     raise AdapterError(f"tensor {key!r} contains {bad}{how}", key)
-            ab.append(cast.contiguous())
-        out[lm] = (ab[0], ab[1])
-    return out
+
+
+def all_finite(stacks) -> bool:
+    """Fast check over cast tensors: a float32 sum is finite only if every element is (NaN and Inf propagate);
+    a False may also mean a finite sum overflowed, so callers confirm with check_finite before refusing."""
+    return all(bool(torch.isfinite(t.sum(dtype=torch.float32))) for t in stacks)

@@ -117,10 +117,10 @@ def test_slow_loading_adapter_does_not_stall_others(world, tmp_path, monkeypatch
     base, adapters, prompts, ref = world
     real = loading.load_adapter
 
-    def slow(path, spec, dtype, adapter_id=None):
+    def slow(path, spec, dtype, adapter_id=None, **kw):
         if adapter_id == "slow":
             time.sleep(1.5)
-        return real(path, spec, dtype, adapter_id=adapter_id)
+        return real(path, spec, dtype, adapter_id=adapter_id, **kw)
 
     monkeypatch.setattr(loading, "load_adapter", slow)
     engine, svc = _engine(base, tmp_path / "reg", {"slow": adapters["all-r8"], "fast": adapters["qv-r4"]}, 2, 4)

@@ -21,7 +21,7 @@ def shard_adapter(adapter, plan: ShardPlan, head_dim: int):
         name, kind = _KIND[module]
         lo, hi = plan.rows(name, head_dim)
         weights[(layer, module)] = (a, b[lo:hi]) if kind == "col" else (a[:, lo:hi], b)
-    return dataclasses.replace(adapter, weights=weights)
+    return dataclasses.replace(adapter, weights=weights, packed=None)
 
 
 class TPLoRASlots(LoRASlots):
@@ -34,5 +34,6 @@ class TPLoRASlots(LoRASlots):
 
     def start_load(self, slot: int, adapter) -> None:
         if self.tp.is_driver:
+            adapter = adapter.unpacked() if getattr(adapter, "packed", None) is not None else adapter
             self.tp.broadcast_object(("load", slot, adapter))
         super().start_load(slot, shard_adapter(adapter, self.plan, self.head_dim))

@@ -26,8 +26,10 @@ class _Copy:
 
 
 class LoRASlots:
-    """Allocates the stacks once (A [S, L*R, K], B [S, N, R] per packed linear and layer) and attaches them to
-    the model's PackedLinear layers; load() writes one adapter into one slot. `table` maps ids to slots.
+    """Allocates the stacks once per packed linear group, over all layers (A [layers, S, L*R, K], B [layers, S,
+    N, R], ranks / scales [layers, S, L]), and attaches each layer's contiguous view [S, ...] to the model's
+    PackedLinear layers; load() writes one adapter into one slot. `table` maps ids to slots. Holding every layer
+    in one tensor lets a packed adapter (adapters.packed) land with one strided copy per module.
 
     On CUDA, start_load() issues the copies from a worker thread on a separate stream, after the work already
     queued on the compute stream, and records an event; ready(slot) polls it (never blocks). On CPU (or with
@@ -37,18 +39,19 @@ class LoRASlots:
                  async_copies: bool | None = None):
         self.model, self.num_slots, self.max_rank, self.table = model, num_slots, max_rank, table
         self.device = torch.device(device)
-        self.nbytes = 0
-        for layer in model.layers:
-            for attr in _LINEARS:
-                lin = getattr(layer, attr)
-                L, K, N = len(lin.slice_sizes), lin.in_features, lin.slice_offsets[-1]
-                st = LoRAStacks(
-                    a=torch.zeros(num_slots, L * max_rank, K, dtype=dtype, device=device),
-                    b=torch.zeros(num_slots, N, max_rank, dtype=dtype, device=device),
-                    ranks=torch.zeros(num_slots, L, dtype=torch.int32, device=device),
-                    scales=torch.zeros(num_slots, L, dtype=torch.float32, device=device))
-                self.nbytes += st.a.nbytes + st.b.nbytes
-                lin.lora = st
+        self.stacks: dict[str, LoRAStacks] = {}  # group -> stacks over all layers (leading dim = layer)
+        n_layers = len(model.layers)
+        for attr in _LINEARS:
+            lin = getattr(model.layers[0], attr)
+            L, K, N = len(lin.slice_sizes), lin.in_features, lin.slice_offsets[-1]
+            st = self.stacks[attr] = LoRAStacks(
+                a=torch.zeros(n_layers, num_slots, L * max_rank, K, dtype=dtype, device=device),
+                b=torch.zeros(n_layers, num_slots, N, max_rank, dtype=dtype, device=device),
+                ranks=torch.zeros(n_layers, num_slots, L, dtype=torch.int32, device=device),
+                scales=torch.zeros(n_layers, num_slots, L, dtype=torch.float32, device=device))
+            for i, layer in enumerate(model.layers):
+                getattr(layer, attr).lora = LoRAStacks(st.a[i], st.b[i], st.ranks[i], st.scales[i])
+        self.nbytes = sum(st.a.nbytes + st.b.nbytes for st in self.stacks.values())
         self._meta: LoRAMeta | None = None
         self.async_copies = self.device.type == "cuda" if async_copies is None else async_copies
         self._inflight: dict[int, _Copy] = {}
@@ -120,6 +123,46 @@ class LoRASlots:
             return list(self._inflight)
 
     def _write(self, slot: int, adapter, keep: list | None) -> None:
+        """Copy into the slot: the packed form when it fits this model (a few copies per module), else tensor by
+        tensor. With `keep` (async copies) the copies are non-blocking from pinned memory."""
+        packed = getattr(adapter, "packed", None)
+        if packed is not None and self._fits(packed):
+            self._write_packed(slot, packed, keep is not None and packed.is_pinned)
+        else:
+            self._write_tensors(slot, adapter, keep)
+
+    def _fits(self, packed) -> bool:
+        if packed.num_layers != len(self.model.layers):
+            return False
+        lin0 = self.model.layers[0]
+        for m, a in packed.a.items():
+            attr, i = LORA_TARGETS[m]
+            lin = getattr(lin0, attr)
+            size = lin.slice_offsets[i + 1] - lin.slice_offsets[i]
+            if a.shape[1] > self.max_rank or a.shape[2] != lin.in_features or packed.b[m].shape[1] != size:
+                return False
+        return all(packed.ranks[g].shape[1] == len(getattr(lin0, g).slice_sizes) for g in packed.ranks)
+
+    def _write_packed(self, slot: int, packed, nb: bool) -> None:
+        """One strided copy per module for A and for B, one per group for ranks and scales (Llama: 22). Groups
+        the adapter does not target get rank 0; padding past each rank is never read, so it is not cleared."""
+        R = self.max_rank
+        for m, a in packed.a.items():
+            attr, i = LORA_TARGETS[m]
+            st, r = self.stacks[attr], a.shape[1]
+            lin = getattr(self.model.layers[0], attr)
+            lo, hi = lin.slice_offsets[i], lin.slice_offsets[i + 1]
+            st.a[:, slot, i * R:i * R + r].copy_(a, non_blocking=nb)
+            st.b[:, slot, lo:hi, :r].copy_(packed.b[m], non_blocking=nb)
+        for attr, st in self.stacks.items():
+            if attr in packed.ranks:
+                st.ranks[:, slot].copy_(packed.ranks[attr], non_blocking=nb)
+                st.scales[:, slot].copy_(packed.scales[attr], non_blocking=nb)
+            else:
+                st.ranks[:, slot].zero_()
+                st.scales[:, slot].zero_()
+
+    def _write_tensors(self, slot: int, adapter, keep: list | None) -> None:
         """Untargeted slices get rank 0 (padding past each rank is never read by the kernels, so it need not be
         cleared). With `keep` (async copies), host tensors are pinned and kept alive until the copy completes."""
         layers = self.model.layers
@@ -138,12 +181,10 @@ class LoRASlots:
         if nb:
             ranks, scales = ranks.pin_memory(), scales.pin_memory()
             keep += [ranks, scales]
-        for layer_idx, layer in enumerate(layers):
-            for j, attr in enumerate(_LINEARS):
-                st = getattr(layer, attr).lora
-                L = st.ranks.shape[1]
-                st.ranks[slot].copy_(ranks[layer_idx, j, :L], non_blocking=nb)
-                st.scales[slot].copy_(scales[layer_idx, j, :L], non_blocking=nb)
+        for j, (attr, st) in enumerate(self.stacks.items()):
+            L = st.ranks.shape[2]
+            st.ranks[:, slot].copy_(ranks[:, j, :L], non_blocking=nb)
+            st.scales[:, slot].copy_(scales[:, j, :L], non_blocking=nb)
 
     def build_meta(self, token_slots: torch.Tensor) -> LoRAMeta:
         """Group this step's tokens by slot, reusing one preallocated buffer set when it is big enough."""
