@@ -83,3 +83,56 @@ def test_engine_fused_equals_default_on_gpu(tmp_path, monkeypatch):
         return run_all(engine, prompts, greedy)
 
     assert tokens(True) == tokens(False)
+
+
+def _rope_kv_case(T, seed):
+    """Llama-3-8B attention prologue: H=32, Hkv=8, D=128, bf16; qkv with a padded row; some padding slots."""
+    from loramux.server.models.rope import RotaryEmbedding
+
+    H, HKV, D, NB, BS = 32, 8, 128, 64, 16
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    width = (H + 2 * HKV) * D
+    qkv = torch.randn(T, width + 64, generator=g, device="cuda").to(torch.bfloat16)[:, :width]
+    rope = RotaryEmbedding(D, 500000.0, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+                           8192, 8192, "cuda")
+    pos = torch.randint(0, 8192, (T,), generator=g, device="cuda")
+    slots = torch.randperm(NB * BS, generator=g, device="cuda")[:T]
+    slots[::7] = -1
+    caches = [torch.full((NB, BS, HKV, D), float("nan"), dtype=torch.bfloat16, device="cuda") for _ in range(2)]
+    return qkv, pos, rope, slots, caches, (H, HKV, D)
+
+
+@pytest.mark.parametrize("T", [1, 32, 256])
+def test_rope_write_kv_matches_reference(T):
+    from loramux.kernels.rope_kv import rope_write_kv, rope_write_kv_reference
+
+    qkv, pos, rope, slots, (kc, vc), heads = _rope_kv_case(T, T)
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    q = rope_write_kv(qkv, pos, rope.cos, rope.sin, kc, vc, slots, *heads, backend="triton")
+    q_ref = rope_write_kv_reference(qkv, pos, rope.cos, rope.sin, kc_ref, vc_ref, slots, *heads)
+    _close(q, q_ref, torch.bfloat16)
+    for c, r in ((kc, kc_ref), (vc, vc_ref)):
+        assert torch.equal(c.isnan(), r.isnan())  # same cells written; padding rows (slot -1) untouched
+        _close(c.nan_to_num(), r.nan_to_num(), torch.bfloat16)
+
+
+def test_rope_write_kv_cuda_graph():
+    from loramux.kernels.rope_kv import rope_write_kv, rope_write_kv_reference
+
+    qkv, pos, rope, slots, (kc, vc), heads = _rope_kv_case(32, 1)
+    rope_write_kv(qkv, pos, rope.cos, rope.sin, kc, vc, slots, *heads, backend="triton")  # compile outside
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        q = rope_write_kv(qkv, pos, rope.cos, rope.sin, kc, vc, slots, *heads, backend="triton")
+    qkv.copy_(torch.randn_like(qkv))
+    pos.copy_(pos.flip(0))
+    kc.fill_(float("nan")), vc.fill_(float("nan"))
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    graph.replay()
+    torch.cuda.synchronize()
+    _close(q, rope_write_kv_reference(qkv, pos, rope.cos, rope.sin, kc_ref, vc_ref, slots, *heads), torch.bfloat16)
+    assert torch.equal(kc.isnan(), kc_ref.isnan()) and torch.equal(vc.isnan(), vc_ref.isnan())
+    _close(kc.nan_to_num(), kc_ref.nan_to_num(), torch.bfloat16)
+    assert torch.equal(vc.nan_to_num(), vc_ref.nan_to_num())

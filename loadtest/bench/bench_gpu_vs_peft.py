@@ -1,7 +1,7 @@
 """GPU engine benchmark: loramux vs HF transformers + PEFT on a named shape with random weights, mixed adapters.
 
 python -m loadtest.bench.bench_gpu_vs_peft --shape llama3-8b --batch 32 --prompt-len 128 --new-tokens 64 \
-    --adapters 0,1,4,32 --rank 16 [--skip-hf] [--enforce-eager] [--json out.json]
+    --adapters 0,1,4,32 --rank 16 [--skip-hf] [--enforce-eager] [--profile] [--host-profile] [--json out.json]
 Prints tok/s, decode step time, the step's bandwidth floor and both ratios (to the floor, to HF+PEFT).
 Floor of a decode step = (weights + KV read + distinct adapters' A/B bytes) / copy bandwidth (measured here).
 """
@@ -78,6 +78,8 @@ def run_ours(args, cfg, n_adapters: int, bw: float, adapters: list) -> dict:
     step = statistics.median(steps[3:] or steps)
     if args.profile:
         profile_decode(engine, args, adapters, n_adapters)
+    if args.host_profile:
+        profile_host(engine, args, adapters, n_adapters)
     weight_bytes = engine.runner.weight_bytes
     ctx = args.prompt_len + args.new_tokens / 2
     kv_read = args.batch * ctx * 2 * cfg.num_layers * cfg.kv_size * 2
@@ -106,6 +108,74 @@ def profile_decode(engine, args, adapters, n_adapters: int) -> None:
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
     while engine.has_work():
         engine.step()
+
+
+def _print_top(prof, title: str) -> None:
+    import pstats
+
+    print(f"\n=== host profile: {title}; top 25 functions by own time (tottime) ===", flush=True)
+    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+
+
+def profile_host(engine, args, adapters, n_adapters: int) -> None:
+    """cProfile of the engine's host side (the timed run above is over: everything is warm): ~20 decode steps
+    (CUDA graphs unless --enforce-eager), then 3 eager mixed steps (4 new prompts' prefill scheduled with the
+    running decodes). The sampler's .tolist() waits for the GPU: its time is mostly device time."""
+    import cProfile
+
+    B, P = args.batch, args.prompt_len
+    cap = args.new_tokens + 16  # max_model_len - prompt_len: the most tokens a request may generate
+    def aid(i: int):
+        return adapters[i % n_adapters].adapter_id if n_adapters else None
+
+    def is_decode(k: int) -> bool:
+        return engine.last_step.num_requests == k == engine.last_step.num_tokens
+
+    def until(cond, limit: int = 200) -> None:
+        for _ in range(limit):
+            if cond():
+                return
+            engine.step()
+
+    params = SamplingParams(max_tokens=min(24, cap), temperature=0.0, ignore_eos=True)
+    for i in range(B):
+        engine.add_request(f"hd{i}", [3] * P, params, aid(i))
+    engine.step()
+    until(lambda: is_decode(B))  # prefill (and adapter loads) outside the profile
+    engine.step()
+    prof, decode = cProfile.Profile(), 0
+    for _ in range(20):
+        if not engine.has_work():
+            break
+        prof.enable()
+        engine.step()
+        prof.disable()
+        decode += is_decode(B)
+    mode = "eager" if args.enforce_eager else "CUDA graphs"
+    _print_top(prof, f"D={n_adapters}, {decode} decode steps of {B} sequences ({mode})")
+    until(lambda: not engine.has_work(), 10**6)
+
+    if B <= 4:
+        return
+    params = SamplingParams(max_tokens=min(12, cap), temperature=0.0, ignore_eos=True)
+    for i in range(B - 4):
+        engine.add_request(f"hm{i}", [5] * P, params, aid(i))
+    engine.step()
+    until(lambda: is_decode(B - 4))
+    prof, mixed = cProfile.Profile(), 0
+    short = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    for r in range(4):  # round 0 warms up the mixed shapes
+        new = [f"hn{r}-{j}" for j in range(4)]
+        for j, rid in enumerate(new):
+            engine.add_request(rid, [6 + r] * P, short, aid(B - 4 + j))
+        if r:
+            prof.enable()
+        engine.step()
+        prof.disable()
+        mixed += r > 0 and engine.last_step.num_tokens > engine.last_step.num_requests
+        until(lambda: not any(rid in engine.requests for rid in new))
+    _print_top(prof, f"D={n_adapters}, {mixed} eager mixed steps (4 prefills of {P} tokens + {B - 4} decodes)")
+    until(lambda: not engine.has_work(), 10**6)
 
 
 def run_hf(args, n_adapters: int, new_tokens: int) -> dict:
@@ -157,6 +227,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--profile", action="store_true", help="print the top kernels of 5 decode steps")
+    ap.add_argument("--host-profile", action="store_true",
+                    help="cProfile the host side of ~20 decode steps and 3 eager mixed steps (top 25 by tottime)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     cfg = shape_config(args.shape)

@@ -6,6 +6,7 @@ from torch import nn
 
 from loramux.kernels import fused_ops
 from loramux.kernels.attention import paged_attention, write_kv
+from loramux.kernels.rope_kv import rope_write_kv
 
 from .forward_context import ForwardContext
 from .layers import PackedLinear, RMSNorm
@@ -36,13 +37,18 @@ class DecoderLayer(nn.Module):
         """Normed hidden [T, hidden] -> o_proj output [T, hidden] (no residual)."""
         cfg = self.cfg
         T = h.shape[0]
-        qkv = self.qkv_proj(h, ctx)
-        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-        q = q.reshape(T, cfg.num_heads, cfg.head_dim)
-        k = k.reshape(T, cfg.num_kv_heads, cfg.head_dim)
-        v = v.reshape(T, cfg.num_kv_heads, cfg.head_dim)
-        q, k = self.rope(ctx.positions, q, k)
-        write_kv(k, v, kv[0], kv[1], ctx.slot_mapping)
+        qkv = self.qkv_proj(h, ctx)  # [T, q_size + 2 * kv_size]
+        fused = self.input_layernorm.fused_backend  # fused ops on (default): one launch for split + RoPE + KV write
+        if fused is not None:
+            q = rope_write_kv(qkv, ctx.positions, self.rope.cos, self.rope.sin, kv[0], kv[1], ctx.slot_mapping,
+                              cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, backend=fused)
+        else:  # unfused reference path (LORAMUX_FUSED_OPS=0)
+            q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+            q = q.reshape(T, cfg.num_heads, cfg.head_dim)
+            k = k.reshape(T, cfg.num_kv_heads, cfg.head_dim)
+            v = v.reshape(T, cfg.num_kv_heads, cfg.head_dim)
+            q, k = self.rope(ctx.positions, q, k)
+            write_kv(k, v, kv[0], kv[1], ctx.slot_mapping)
         attn = paged_attention(q, kv[0], kv[1], ctx.block_tables, ctx.seq_lens, ctx.seq_lens_list,
                                ctx.query_lens, self.scale, cfg.sliding_window)
         return self.o_proj(attn.reshape(T, cfg.q_size), ctx)

@@ -5,6 +5,8 @@ import math
 
 import torch
 
+from loramux.kernels.rope_kv import rotate_half_reference
+
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: dict | None, max_pos: int,
                         max_model_len: int) -> tuple[torch.Tensor, float]:
@@ -35,7 +37,8 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: dict | None, max_p
 
 
 class RotaryEmbedding(torch.nn.Module):
-    """cos/sin table [max_len, head_dim] precomputed once; apply() rotates q/k in place-free form."""
+    """cos/sin tables [max_len, head_dim] fp32 ([freqs, freqs]) precomputed once; forward() rotates q/k (new
+    tensors). The fused path (kernels.rope_kv) reads the same tables."""
 
     def __init__(self, head_dim: int, theta: float, scaling: dict | None, max_pos: int, max_model_len: int,
                  device=None):
@@ -51,11 +54,4 @@ class RotaryEmbedding(torch.nn.Module):
         """positions [T]; q [T, H, D], k [T, Hkv, D] -> rotated (q, k) in q's dtype."""
         cos = self.cos[positions].unsqueeze(1)
         sin = self.sin[positions].unsqueeze(1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    xf = x.float()
-    half = xf.shape[-1] // 2
-    rot = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
-    return (xf * cos + rot * sin).to(x.dtype)
+        return rotate_half_reference(q, cos, sin), rotate_half_reference(k, cos, sin)

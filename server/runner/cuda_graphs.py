@@ -8,7 +8,10 @@ import torch
 
 from loramux.server.models.forward_context import ForwardContext
 
+from .step_inputs import Layout, views
+
 log = logging.getLogger("loramux.graphs")
+FULL_TABLE_BYTES = 1 << 19  # block tables [bmax, max_blocks] int32 up to this size travel in the step's one copy
 
 
 def default_buckets(max_num_seqs: int) -> list[int]:
@@ -17,49 +20,56 @@ def default_buckets(max_num_seqs: int) -> list[int]:
 
 
 class DecodeGraphs:
-    """Static input buffers sized for the largest bucket; a decode step of n sequences copies its inputs into the
-    first n rows, pads up to the bucket (padding rows write K/V into the reserved scratch block and have no
-    adapter), replays, and reads the first n rows of logits. Attention runs its graph-safe decode path:
-    ForwardContext.seq_lens_list / query_lens are None, and max_seq_len bounds the KV length."""
+    """Static inputs per bucket b: one packed device buffer (step_inputs layout with T = B = b, token slots always
+    present, block tables [b, max_blocks]) whose views the graphs of b read. A decode step of n sequences packs its
+    inputs on the host padded up to the bucket (padding rows write K/V into the reserved scratch block, have
+    seq_len 1, no adapter and zero block-table rows; unused table columns are zero), copies them with ONE
+    non_blocking H2D copy, replays, and reads the first n rows of logits. No LoRA meta is built on the host: the
+    graph rebuilds it from its token-slot view. When the largest bucket's full-width tables exceed FULL_TABLE_BYTES
+    (long max_model_len), the copy carries only the step's [b, w] tables, and two launches widen them into a
+    static [bmax, max_blocks] table. Attention runs its graph-safe decode path: ForwardContext.seq_lens_list /
+    query_lens are None, and max_seq_len bounds the KV length."""
 
     def __init__(self, runner, buckets: list[int], scratch_block: int):
         self.runner, self.buckets = runner, sorted(buckets)
         dev, bmax = runner.device, self.buckets[-1]
         self.max_blocks = runner.max_blocks_per_seq
         self.scratch_slot = scratch_block * runner.block_size
-        i64, i32 = dict(dtype=torch.int64, device=dev), dict(dtype=torch.int32, device=dev)
-        self.ids = torch.zeros(bmax, **i64)
-        self.positions = torch.zeros(bmax, **i64)
-        self.slot_mapping = torch.full((bmax,), self.scratch_slot, **i64)
-        self.block_tables = torch.zeros(bmax, self.max_blocks, **i32)
-        self.seq_lens = torch.ones(bmax, **i32)
-        self.token_slots = torch.full((bmax,), -1, **i32)
-        self.rows = torch.arange(bmax, **i64)
-        self.pool = torch.cuda.graph_pool_handle()
+        self.full_tables = bmax * self.max_blocks * 4 <= FULL_TABLE_BYTES
+        self.layouts = {b: Layout(b, 0, b, b, self.max_blocks) for b in self.buckets}
+        self.packed = {b: torch.empty(lay.words, dtype=torch.int64, device=dev) for b, lay in self.layouts.items()}
+        self.inputs = {b: views(self.packed[b], lay) for b, lay in self.layouts.items()}
+        self.block_tables = None if self.full_tables else torch.zeros(bmax, self.max_blocks, dtype=torch.int32,
+                                                                      device=dev)
+        self.rows = torch.arange(bmax, dtype=torch.int64, device=dev)
+        self.pool = None
         self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        for b in self.buckets:  # all rows padding: valid inputs for the capture's warm-up runs
+            self.stage(([], [], [], [], [], [], [], None), b)
 
     def _ctx(self, b: int, lora: bool) -> ForwardContext:
-        meta = None
+        t, meta = self.inputs[b], None
         if lora:
             from loramux.kernels.lora import LoRAMeta, build_lora_meta
 
             slots = self.runner.lora_slots
-            meta = build_lora_meta(self.token_slots[:b], slots.num_slots,
+            meta = build_lora_meta(t.token_slots, slots.num_slots,
                                    out=LoRAMeta.empty(b, slots.num_slots, self.runner.device))
-        return ForwardContext(positions=self.positions[:b], slot_mapping=self.slot_mapping[:b],
-                              block_tables=self.block_tables[:b], seq_lens=self.seq_lens[:b], seq_lens_list=None,
-                              query_lens=None, logits_indices=self.rows[:b], lora_meta=meta,
-                              lora_backend=self.runner.kernel_backend,
+        tables = t.block_tables if self.full_tables else self.block_tables[:b]
+        return ForwardContext(positions=t.positions, slot_mapping=t.slot_mapping, block_tables=tables,
+                              seq_lens=t.seq_lens, seq_lens_list=None, query_lens=None, logits_indices=self.rows[:b],
+                              lora_meta=meta, lora_backend=self.runner.kernel_backend,
                               max_seq_len=self.max_blocks * self.runner.block_size)
 
     def _forward(self, b: int, lora: bool) -> torch.Tensor:
         model = self.runner.model
-        ctx = self._ctx(b, lora)  # LoRA meta is rebuilt inside the graph from the static token_slots buffer
-        return model.compute_logits(model(self.ids[:b], ctx, self.runner.kv_caches))
+        ctx = self._ctx(b, lora)  # LoRA meta is rebuilt inside the graph from the static token_slots view
+        return model.compute_logits(model(self.inputs[b].ids, ctx, self.runner.kv_caches))
 
     @torch.inference_mode()
     def capture(self) -> None:
         t0 = time.monotonic()
+        self.pool = torch.cuda.graph_pool_handle()
         variants = (False, True) if self.runner.lora_slots is not None else (False,)
         for b in reversed(self.buckets):
             for lora in variants:
@@ -80,24 +90,32 @@ class DecodeGraphs:
     def bucket_for(self, n: int) -> int | None:
         return next((b for b in self.buckets if b >= n), None)
 
-    def run(self, ids: torch.Tensor, ctx: ForwardContext, token_slots: torch.Tensor | None) -> torch.Tensor:
-        """Replay for a decode batch of n = len(ids) rows -> logits [n, V] (a view into the graph's output)."""
-        n = ids.shape[0]
-        b = self.bucket_for(n)
-        self.ids[:n].copy_(ids)
-        self.positions[:n].copy_(ctx.positions)
-        self.slot_mapping[:n].copy_(ctx.slot_mapping)
-        self.slot_mapping[n:b].fill_(self.scratch_slot)
-        width = ctx.block_tables.shape[1]
-        self.block_tables[:n, :width].copy_(ctx.block_tables)
-        self.block_tables[:n, width:].zero_()
-        self.block_tables[n:b].zero_()
-        self.seq_lens[:n].copy_(ctx.seq_lens)
-        self.seq_lens[n:b].fill_(1)
-        lora = token_slots is not None
-        if lora:
-            self.token_slots[:n].copy_(token_slots)
-            self.token_slots[n:b].fill_(-1)
+    def stage(self, host, b: int | None = None) -> tuple[int, bool] | None:
+        """Write a decode step's host lists (ModelRunner._host_inputs, n rows of one token each) padded to bucket
+        b (default: the smallest that fits) into b's static inputs -> (b, lora), or None when no bucket fits."""
+        b = self.bucket_for(len(host[0])) if b is None else b
+        if b is None:
+            return None
+        lay, out = self.layouts[b], self.packed[b]
+        if not self.full_tables:
+            tables = host[3]
+            w = len(tables[0]) if tables else 0
+            lay = Layout(b, 0, b, b, w)  # the same offsets; the table section holds [b, w]
+            out = out[:lay.words]
+        self.runner.staging.stage(lay, host, self.scratch_slot, out=out)  # the one H2D copy
+        if not self.full_tables:
+            static = self.block_tables[:b]
+            static[:, :w].copy_(views(out, lay).block_tables)
+            static[:, w:].zero_()
+        return b, host[7] is not None
+
+    def replay(self, b: int, lora: bool, n: int) -> torch.Tensor:
+        """-> logits [n, V] of a step staged for bucket b (a view into the graph's output)."""
         graph, out = self.graphs[(b, lora)]
         graph.replay()
         return out[:n]
+
+    def run(self, host) -> torch.Tensor:
+        """stage + replay; host must fit a bucket."""
+        b, lora = self.stage(host)
+        return self.replay(b, lora, len(host[0]))

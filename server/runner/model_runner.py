@@ -15,6 +15,8 @@ from loramux.server.models.llama import DecoderModel
 from loramux.server.models.model_config import ModelConfig
 from loramux.server.models.weights import init_random_weights, load_weights
 
+from .step_inputs import HostStaging, host_layout, views
+
 log = logging.getLogger("loramux.runner")
 
 
@@ -48,7 +50,9 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.sampler = Sampler(model_config.vocab_size)
         self.lora_slots = lora_slots  # runner.lora_slots.LoRASlots or None
-        self.last_forward_s = 0.0
+        self.staging = HostStaging(self.device)  # the step's packed host buffers (pinned on CUDA)
+        self.last_forward_s = 0.0  # see execute()
+        self.sync_timing = False  # engine benchmark: sync after the forward so last_forward_s is the forward alone
         self.max_model_len = max_model_len
         self.graphs = None  # cuda_graphs.DecodeGraphs once enable_cuda_graphs() ran
         from loramux.kernels.lora import resolve_backend
@@ -69,78 +73,90 @@ class ModelRunner:
         self.graphs.capture()
 
     def _prepare(self, batch: ScheduledBatch, all_logits: bool = False):
-        """-> (input_ids [T], ForwardContext, indices of requests to sample, per-token adapter slots or None).
-        Under tensor parallelism rank 0 first sends the step's host inputs to the other ranks."""
-        host, sample_idx = self._host_inputs(batch)
-        if self.parallel is not None:
-            self.parallel.broadcast_object(("step", host, all_logits))
+        """-> (input_ids [T], ForwardContext, indices of requests to sample, per-token adapter slots or None)."""
+        host, sample_idx = self._host_and_broadcast(batch, all_logits)
         input_ids, ctx, token_slots = self.prepare_host(host)
         return input_ids, ctx, sample_idx, token_slots
 
+    def _host_and_broadcast(self, batch: ScheduledBatch, all_logits: bool):
+        """Under tensor parallelism rank 0 first sends the step's host inputs to the other ranks."""
+        host, sample_idx = self._host_inputs(batch)
+        if self.parallel is not None:
+            self.parallel.broadcast_object(("step", host, all_logits))
+        return host, sample_idx
+
     def _host_inputs(self, batch: ScheduledBatch):
-        """-> (host lists: ids, positions, KV slots, block tables, seq lens, query lens, logit rows, per-token
-        adapter slots or None; indices of requests to sample)."""
-        bs = self.block_size
+        """-> (host lists: ids, positions, KV slots, block tables (rows padded to one width), seq lens, query lens,
+        logit rows, per-token adapter slots or None; indices of requests to sample). Plain Python: its cost per
+        request is host time on every step, hence the decode (one token) fast path and one slot lookup per adapter."""
+        bs, lora_slots = self.block_size, self.lora_slots
         ids, pos, slots, token_lora = [], [], [], []
         seq_lens, tables, logit_rows, sample_idx = [], [], [], []
+        slot_of: dict[str, int] = {}
         use_lora = False
         for i, (req, n) in enumerate(zip(batch.requests, batch.num_new_tokens)):
             start = req.num_computed_tokens
-            ids.extend(req.token_slice(start, n))
-            pos.extend(range(start, start + n))
+            end = start + n
             blocks = req.block_ids
-            slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, start + n))
-            seq_lens.append(start + n)
-            tables.append(blocks)
-            slot = -1
-            if req.adapter_id is not None and self.lora_slots is not None:
-                slot = self.lora_slots.slot_of(req.adapter_id)
+            slot, aid = -1, req.adapter_id
+            if aid is not None and lora_slots is not None:
+                slot = slot_of.get(aid)
+                if slot is None:
+                    slot = slot_of[aid] = lora_slots.slot_of(aid)
                 use_lora = use_lora or slot >= 0
-            token_lora.extend([slot] * n)
-            if start + n == req.num_tokens:  # reached the end: sample the next token
+            ids.extend(req.token_slice(start, n))
+            if n == 1:
+                pos.append(start)
+                slots.append(blocks[start // bs] * bs + start % bs)
+                token_lora.append(slot)
+            else:
+                pos.extend(range(start, end))
+                slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
+                token_lora.extend([slot] * n)
+            seq_lens.append(end)
+            tables.append(blocks)
+            if end == req.num_tokens:  # reached the end: sample the next token
                 logit_rows.append(len(ids) - 1)
                 sample_idx.append(i)
-        width = max(len(t) for t in tables)
-        tables = [t + [0] * (width - len(t)) for t in tables]
+        width = max(map(len, tables))
+        tables = [t if len(t) == width else t + [0] * (width - len(t)) for t in tables]
         host = (ids, pos, slots, tables, seq_lens, list(batch.num_new_tokens), logit_rows,
                 token_lora if use_lora else None)
         return host, sample_idx
 
     def prepare_host(self, host):
-        """Host lists (see _host_inputs) -> (input_ids [T], ForwardContext, per-token adapter slots or None)."""
-        ids, pos, slots, tables, seq_lens, query_lens, logit_rows, token_lora = host
-        dev = self.device
-        lora_meta = token_slots = None
-        if token_lora is not None:
-            token_slots = torch.tensor(token_lora, dtype=torch.int32, device=dev)
-            lora_meta = self.lora_slots.build_meta(token_slots)
-        ctx = ForwardContext(
-            positions=torch.tensor(pos, dtype=torch.int64, device=dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            seq_lens_list=seq_lens,
-            query_lens=query_lens,
-            logits_indices=torch.tensor(logit_rows, dtype=torch.int64, device=dev),
-            lora_meta=lora_meta,
-            lora_backend=self.kernel_backend,
-            max_seq_len=self.max_model_len,
-        )
-        return torch.tensor(ids, dtype=torch.int64, device=dev), ctx, token_slots
+        """Host lists (see _host_inputs) -> (input_ids [T], ForwardContext, per-token adapter slots or None), for an
+        eager forward: one packed host buffer, one copy to the device; the tensors are views of the device buffer."""
+        lay = host_layout(host)
+        t = views(self.staging.stage(lay, host), lay)
+        meta = None if t.token_slots is None else self.lora_slots.build_meta(t.token_slots)
+        ctx = ForwardContext(positions=t.positions, slot_mapping=t.slot_mapping, block_tables=t.block_tables,
+                             seq_lens=t.seq_lens, seq_lens_list=host[4], query_lens=host[5],
+                             logits_indices=t.logits_indices, lora_meta=meta, lora_backend=self.kernel_backend,
+                             max_seq_len=self.max_model_len)
+        return t.ids, ctx, t.token_slots
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> dict[str, tuple[int, TokenLogprob | None]]:
-        input_ids, ctx, sample_idx, token_slots = self._prepare(batch)
-        t0 = time.perf_counter()
+        host, sample_idx = self._host_and_broadcast(batch, False)
         n = len(batch.requests)
-        if self.graphs is not None and input_ids.shape[0] == n and self.graphs.bucket_for(n) is not None:
-            logits = self.graphs.run(input_ids, ctx, token_slots)  # decode step: every row is sampled
+        # A decode step (one token per sequence) that fits a bucket replays a graph: its inputs go straight into the
+        # graph's static buffer, and no LoRA meta is built here (the graph rebuilds it).
+        staged = self.graphs.stage(host) if self.graphs is not None and len(host[0]) == n else None
+        if staged is None:
+            input_ids, ctx, _ = self.prepare_host(host)
+        t0 = time.perf_counter()
+        if staged is not None:
+            logits = self.graphs.replay(*staged, n)  # every row is sampled
         else:
             hidden = self.model(input_ids, ctx, self.kv_caches)
             logits = self.model.compute_logits(hidden[ctx.logits_indices]) if sample_idx else None
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # timing only; the sampler syncs anyway
-        self.last_forward_s = time.perf_counter() - t0  # model compute, for the engine-overhead benchmark
+        if self.sync_timing and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        # last_forward_s: on CPU, or with sync_timing, the forward from its first launch to its completion. Else on
+        # CUDA (no timing-only sync) from the first launch to the sampled tokens on the host: forward + sampling, as
+        # the sampler's device->host read is the step's only sync; a step that samples nothing records the launches.
+        self.last_forward_s = time.perf_counter() - t0
         if not sample_idx:
             return {}
         rows = []
@@ -149,6 +165,8 @@ class ModelRunner:
             rows.append(SampleRow(req.params, req.seed, len(req.output_token_ids), req.prompt_token_ids,
                                   req.output_token_ids))
         result = self.sampler(logits, rows)
+        if not self.sync_timing and self.device.type == "cuda":
+            self.last_forward_s = time.perf_counter() - t0
         return {batch.requests[i].request_id: (tok, lp)
                 for i, tok, lp in zip(sample_idx, result.token_ids, result.logprobs)}
 
