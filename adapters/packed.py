@@ -1,6 +1,8 @@
 """Slot-ready packed form of an adapter: one flat host buffer (pinned on CUDA hosts) holding, per module, A and B
 stacked over the layers, so copying an adapter into a GPU slot takes a few copies per module instead of one per
-(layer, module) tensor (Llama-3-8B: 22 copies instead of ~700), and pinning is one allocation, not ~450."""
+(layer, module) tensor (Llama-3-8B: 22 copies instead of ~700), and pinning is one allocation, not ~450.
+Few calls matter off the engine thread too: each call that releases the GIL may wait for a busy engine thread
+to hand it back (up to the interpreter's switch interval)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -86,16 +88,27 @@ def pack(weights: Weights, scales: dict[tuple[int, str], float], num_layers: int
             if r < r_m:
                 a_m[layer, r:].zero_()
                 b_m[layer, :, r:].zero_()
-    for t in (*p.ranks.values(), *p.scales.values()):
-        t.zero_()
     views: Weights = {}
+    for m, a_m in p.a.items():
+        rows = [weights.get((layer, m)) for layer in range(num_layers)]
+        if all(ab is not None and ab[0].shape[0] == a_m.shape[1] for ab in rows):  # usual case: one call each
+            torch.stack([a for a, _ in rows], out=a_m)  # (stack casts to out's dtype)
+            torch.stack([b for _, b in rows], out=p.b[m])
+        else:
+            for layer, ab in enumerate(rows):
+                if ab is not None:
+                    r = ab[0].shape[0]
+                    p.a[m][layer, :r].copy_(ab[0])
+                    p.b[m][layer, :, :r].copy_(ab[1])
+    ranks = {g: [[0] * len(mods) for _ in range(num_layers)] for g, mods in GROUPS}
+    scale_rows = {g: [[0.0] * len(mods) for _ in range(num_layers)] for g, mods in GROUPS}
     for (layer, m), (a, b) in weights.items():
         r = a.shape[0]
-        a_v, b_v = p.a[m][layer, :r], p.b[m][layer, :, :r]
-        a_v.copy_(a)
-        b_v.copy_(b)
-        views[(layer, m)] = (a_v, b_v)
+        views[(layer, m)] = (p.a[m][layer, :r], p.b[m][layer, :, :r])
         g, i = slice_of[m]
-        p.ranks[g][layer, i] = r
-        p.scales[g][layer, i] = float(scales[(layer, m)])
+        ranks[g][layer][i] = r
+        scale_rows[g][layer][i] = float(scales[(layer, m)])
+    for g in p.ranks:  # one copy per group, not one tensor op per (layer, module)
+        p.ranks[g].copy_(torch.tensor(ranks[g], dtype=torch.int32))
+        p.scales[g].copy_(torch.tensor(scale_rows[g], dtype=torch.float32))
     return p, views

@@ -66,9 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
           "worker processes hold the other shards (NCCL on CUDA, gloo on CPU)", 1, int)
     s.add_argument("--enforce-eager", action="store_true", default=_bool_env("enforce-eager"),
                    help="run decode steps eagerly instead of replaying CUDA graphs [env LORAMUX_ENFORCE_EAGER]")
-    s.add_argument("--async-adapter-copies", action="store_true", default=_bool_env("async-adapter-copies"),
-                   help="copy adapters into GPU slots on a side CUDA stream, overlapped with decoding "
-                        "(experimental) [env LORAMUX_ASYNC_ADAPTER_COPIES]")
+    s.add_argument("--sync-adapter-copies", action="store_true", default=_bool_env("sync-adapter-copies"),
+                   help="copy adapters into GPU slots synchronously on the engine thread instead of on a side CUDA "
+                        "stream overlapped with decoding [env LORAMUX_SYNC_ADAPTER_COPIES]")
     s.add_argument("--no-demo-adapters", action="store_true", default=_bool_env("no-demo-adapters"),
                    help="do not register the demo adapters with the embedded model [env LORAMUX_NO_DEMO_ADAPTERS]")
     _flag(s, "log-level", "debug, info, warning, error", "info")
@@ -115,7 +115,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_adapter_bytes=args.max_adapter_bytes,
         kernel_backend=args.kernel_backend, tensor_parallel_size=args.tensor_parallel_size,
         enforce_eager=args.enforce_eager,
-        async_adapter_copies=args.async_adapter_copies, demo_adapters=not args.no_demo_adapters,
+        sync_adapter_copies=args.sync_adapter_copies, demo_adapters=not args.no_demo_adapters,
         log_level=args.log_level, api_keys=args.api_keys, public_metrics=args.public_metrics, max_n=args.max_n,
         max_logprobs=args.max_logprobs, max_stop=args.max_stop, max_stop_length=args.max_stop_length,
         max_body_bytes=args.max_body_bytes, max_header_bytes=args.max_header_bytes,

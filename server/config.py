@@ -38,7 +38,7 @@ class ServerConfig:
     kernel_backend: str = "auto"
     tensor_parallel_size: int = 1  # >1: offline engine only so far (server/distributed); serve refuses it
     enforce_eager: bool = False  # no CUDA graphs for decode
-    async_adapter_copies: bool = False  # CPU -> GPU slot copies on a side stream (opt-in until verified on GPU)
+    sync_adapter_copies: bool = False  # CPU -> GPU slot copies on the engine thread's stream (default: side stream)
     demo_adapters: bool = True
     log_level: str = "info"
     # ---- tenants and hardening (docs/operations.md) ----

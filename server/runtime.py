@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -80,10 +81,15 @@ def build_engine(model_dir: Path | None, mcfg: ModelConfig, dtype: torch.dtype, 
     return Engine(runner, sched, num_blocks, block_size, eos_token_ids, gate)
 
 
-def attach_adapters(engine: Engine, service: AdapterService, async_copies: bool = False) -> None:
+def attach_adapters(engine: Engine, service: AdapterService, async_copies: bool | None = None) -> None:
     """Give the engine GPU adapter slots managed by `service` (which also becomes the scheduler's gate).
-    async_copies: CPU -> GPU slot copies on a side stream (CUDA only; not yet verified on a GPU, so opt-in)."""
+    async_copies: CPU -> GPU slot copies on a side stream (default: on CUDA)."""
     runner = engine.runner
+    if async_copies is None:
+        async_copies = runner.device.type == "cuda"
+    # Background disk -> CPU loads hand the GIL back and forth with the busy engine thread at every tensor call;
+    # the default 5 ms switch interval made each hand-back cost up to 5 ms on the H100 host.
+    sys.setswitchinterval(min(sys.getswitchinterval(), 0.001))
     if runner.parallel is not None:  # tensor parallelism: rank 0's slot loads are mirrored to the other ranks
         from loramux.server.distributed.tp_lora import TPLoRASlots
 
@@ -164,7 +170,7 @@ class Runtime:
         self.adapters = AdapterService(config.resolved_adapter_dir, mcfg.raw, self.dtype, config.max_loras,
                                        config.max_lora_rank, config.max_cpu_loras, config.max_adapter_bytes,
                                        config.max_cpu_lora_bytes or None)
-        attach_adapters(self.engine, self.adapters, config.async_adapter_copies and self.device.type == "cuda")
+        attach_adapters(self.engine, self.adapters, not config.sync_adapter_copies and self.device.type == "cuda")
         log.info("adapters: %d GPU slots of rank <= %d (%.1f MiB), registry %s", config.max_loras,
                  config.max_lora_rank, self.adapters.device_slots.nbytes / 2**20, config.resolved_adapter_dir)
         self._register_startup_adapters(config)

@@ -61,7 +61,7 @@ def make_engine(args, cfg, svc: AdapterService):
                             max_adapter_wait_steps=args.max_adapter_wait_steps)
     dev = torch.device(args.device)
     engine = build_engine(None, cfg, model_dtype(args), dev, max_len, blocks, sched, [], kernel_backend="auto")
-    attach_adapters(engine, svc, async_copies=args.async_adapter_copies)
+    attach_adapters(engine, svc, async_copies=False if args.sync_adapter_copies else None)
     if not args.enforce_eager and dev.type == "cuda":
         engine.runner.enable_cuda_graphs(args.max_num_seqs)
     return engine
@@ -82,12 +82,15 @@ def warm_up(engine, args, adapter: str, vocab: int) -> None:
     drain(engine)
 
 
-def saturation_rate(engine, args, pick_adapter, vocab: int, seconds: float = 20.0) -> tuple[float, float]:
+def saturation_rate(engine, args, pick_adapter, vocab: int, seconds: float = 20.0,
+                    warm: float = 0.0) -> tuple[float, float]:
     """Closed loop, --max-num-seqs requests always in flight, each on pick_adapter(rng) -> (requests/s,
-    generated tokens/s)."""
+    generated tokens/s) over `seconds`, after `warm` seconds of the same loop that are not counted (caches fill)."""
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
     rng, n, done, tokens, t0 = random.Random(1), 0, 0, 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
+    while time.perf_counter() - t0 < warm + seconds:
+        if warm and time.perf_counter() - t0 >= warm:
+            warm, done, tokens, t0 = 0.0, 0, 0, time.perf_counter()
         while len(engine.requests) < args.max_num_seqs:
             engine.add_request(f"s{n}-{t0}", [rng.randrange(1, vocab) for _ in range(args.prompt_len)], params,
                                pick_adapter(rng))
@@ -165,7 +168,7 @@ def main(argv=None) -> dict:
     p.add_argument("--rate", type=float, default=0.0, help="arrivals per second (0: --load x saturation)")
     p.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per run")
     p.add_argument("--saturation-seconds", type=float, default=20.0, help="length of each closed-loop run")
-    p.add_argument("--async-adapter-copies", action="store_true", help="CPU -> GPU slot copies on a side stream")
+    p.add_argument("--sync-adapter-copies", action="store_true", help="CPU -> GPU slot copies on the engine thread")
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu: smoke runs only")
     p.add_argument("--json", type=Path)
@@ -182,7 +185,8 @@ def main(argv=None) -> dict:
     rng = random.Random(0)
     weights = [1.0 / (k + 1) ** args.zipf for k in range(len(ids))]
     sat_single = saturation_rate(engine, args, lambda r: ids[0], vocab, args.saturation_seconds)
-    sat_many = saturation_rate(engine, args, lambda r: r.choices(ids, weights)[0], vocab, args.saturation_seconds)
+    sat_many = saturation_rate(engine, args, lambda r: r.choices(ids, weights)[0], vocab, args.saturation_seconds,
+                               warm=args.saturation_seconds)
     print(f"closed loop: single {sat_single[1]:.0f} tok/s, many {sat_many[1]:.0f} tok/s "
           f"(ratio {sat_many[1] / sat_single[1]:.3f})", flush=True)
     rate = args.rate or args.load * sat_single[0]

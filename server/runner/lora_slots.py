@@ -87,7 +87,18 @@ class LoRASlots:
         after = torch.cuda.Event()
         after.record(torch.cuda.current_stream(self.device))  # steps already queued may still read the old slot
         copy = _Copy(adapter, after)
-        copy.issued = self._pool.submit(self._issue, slot, copy)
+        packed = getattr(adapter, "packed", None)
+        if packed is not None and packed.is_pinned and self._fits(packed):
+            # ~22 non-blocking copies from page-locked memory: issuing them here takes well under a millisecond,
+            # while a worker thread would wait for the busy engine thread's GIL before each of them.
+            copy.issued = Future()
+            try:
+                self._issue(slot, copy)
+                copy.issued.set_result(None)
+            except Exception as exc:  # reported by ready(), like a failure on the worker thread
+                copy.issued.set_exception(exc)
+        else:  # pageable or tensor-by-tensor copies block the issuing thread: keep them off the engine thread
+            copy.issued = self._pool.submit(self._issue, slot, copy)
         with self._lock:
             self._inflight[slot] = copy
 
