@@ -36,7 +36,7 @@ def random_adapter(spec, rank: int, seed: int, dtype) -> LoadedAdapter:
             b = (torch.randn(fout, rank, generator=g) * 0.01).to(dtype)
             weights[(layer, m)], scales[(layer, m)] = (a, b), 2.0
     nbytes = sum(a.nbytes + b.nbytes for a, b in weights.values())
-    return LoadedAdapter(f"a{seed}", None, weights, scales, rank, nbytes)
+    return LoadedAdapter(f"a{seed}", None, weights, scales, rank, nbytes, spec.num_layers)
 
 
 def run_ours(args, cfg, n_adapters: int, bw: float, adapters: list) -> dict:
