@@ -9,7 +9,7 @@ import torch
 
 from .config import MAX_CONFIG_BYTES, LoraConfig, parse_lora_config
 from .errors import NOT_FOUND, AdapterError, unsupported
-from .safetensors_io import WEIGHTS_FILE, load_safetensors, parse_header, read_bytes
+from .safetensors_io import WEIGHTS_FILE, load_safetensors, parse_header, read_bytes, read_reusing
 from .spec import BaseModelSpec
 from .packed import PackedAdapter, pack
 from .validate import all_finite, check_finite, check_structure
@@ -78,7 +78,7 @@ def read_config(path: Path) -> LoraConfig:
     return parse_lora_config(read_bytes(path, MAX_CONFIG_BYTES, CONFIG_FILE))
 
 
-def build(config: LoraConfig, data: bytes, spec: BaseModelSpec, dtype: torch.dtype,
+def build(config: LoraConfig, data: bytes | memoryview, spec: BaseModelSpec, dtype: torch.dtype,
           adapter_id: str | None = None, pin: bool = False) -> LoadedAdapter:
     """Validate weights bytes against config + spec (header first, then values), cast to `dtype` straight into
     the packed form (pinned with pin=True, falling back to pageable memory when page-locking fails)."""
@@ -104,5 +104,5 @@ def load_adapter(path: Path, spec: BaseModelSpec, dtype: torch.dtype = torch.flo
     path = Path(path)
     cfg_path, weights_path = check_files(path)
     config = read_config(cfg_path)
-    data = read_bytes(weights_path, max_weights_bytes, WEIGHTS_FILE)
+    data = read_reusing(weights_path, max_weights_bytes, WEIGHTS_FILE)  # build() copies out before it returns
     return build(config, data, spec, dtype, adapter_id, pin)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import threading
 from pathlib import Path
 
 import torch
@@ -15,6 +16,9 @@ MAX_HEADER_BYTES = 16 << 20
 MAX_TENSORS = 100_000
 MAX_DIMS = 8
 FLOAT_ITEMSIZE = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
+TORCH_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+MAX_REUSED_BYTES = 512 << 20  # larger files get a buffer of their own (a loader thread keeps at most this)
+_scratch = threading.local()
 _INT_DTYPES = {"BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64"}
 
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -104,9 +108,12 @@ def read_bytes(path: Path, max_bytes: int, name: str) -> bytes:
     return data
 
 
-def load_safetensors(data: bytes, max_header_bytes: int = MAX_HEADER_BYTES) -> dict[str, torch.Tensor]:
-    """Validate the header ourselves, then let `safetensors` decode the very same buffer."""
+def load_safetensors(data: bytes | memoryview, max_header_bytes: int = MAX_HEADER_BYTES) -> dict[str, torch.Tensor]:
+    """Validate the header ourselves, then decode: a writable buffer (see read_reusing) is viewed in place, no
+    copy; immutable bytes (uploads) go through `safetensors`' own decoder."""
     header = parse_header(data, max_header_bytes)
+    if isinstance(data, memoryview) and not data.readonly:
+        return _views(data, header)
     try:
         tensors = _st_load(data)
     except Exception as exc:  # the library's own checks; our parse should have caught everything first
@@ -114,3 +121,36 @@ def load_safetensors(data: bytes, max_header_bytes: int = MAX_HEADER_BYTES) -> d
     if tensors.keys() != header.keys():
         raise AdapterError(f"{WEIGHTS_FILE}: decoded tensors differ from the header", WEIGHTS_FILE)
     return tensors
+
+
+def _views(data: memoryview, header: dict[str, tuple[str, tuple[int, ...]]]) -> dict[str, torch.Tensor]:
+    """Tensors viewing `data` (parse_header checked that the spans tile the data section exactly)."""
+    (n,) = struct.unpack("<Q", bytes(data[:8]))
+    raw = json.loads(bytes(data[8:8 + n]).decode("utf-8"))
+    out = {}
+    for key, (dtype, shape) in header.items():
+        begin = raw[key]["data_offsets"][0]
+        count = math.prod(shape)
+        t = (torch.frombuffer(data, dtype=TORCH_DTYPES[dtype], count=count, offset=8 + n + begin) if count
+             else torch.empty(0, dtype=TORCH_DTYPES[dtype]))
+        out[key] = t.view(shape)
+    return out
+
+
+def read_reusing(path: Path, max_bytes: int, name: str) -> memoryview:
+    """read_bytes into this thread's reusable buffer: a fresh 100 MB bytes object costs more in page faults than
+    the copy from the page cache itself. The view is valid until this thread's next call (decode and copy out
+    before that)."""
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise AdapterError(f"{name} is {size} bytes; the limit is {max_bytes}", name, TOO_LARGE)
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or len(buf) < size + 1:
+        buf = bytearray(size + 1)
+        if size < MAX_REUSED_BYTES:
+            _scratch.buf = buf
+    with open(path, "rb") as f:
+        got = f.readinto(memoryview(buf)[:size + 1])  # one byte more than stat said: a file that grew is refused
+    if got != size:
+        raise AdapterError(f"{name} changed size while it was read; try again", name)
+    return memoryview(buf)[:size]

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .backend import interpreter_on
+from .backend import cdiv, interpreter_on, next_pow2
 
 # KV cache layout: [num_blocks, BS, Hkv, D] (last dim contiguous); a sequence's token p lives in block
 # block_tables[b, p // BS] at row p % BS. Kernels gather BLOCK_N tokens at a time through the block table, so
@@ -203,7 +203,7 @@ def _dot_f32(dtype: torch.dtype) -> bool:
 
 
 def _pow2(n: int, lo: int = 1) -> int:
-    return max(lo, triton.next_power_of_2(n))
+    return max(lo, next_pow2(n))
 
 
 @functools.lru_cache(maxsize=None)
@@ -226,8 +226,8 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
 def default_num_splits(batch: int, kv_heads: int, max_blocks: int, block_size: int, device: torch.device) -> int:
     """KV splits per (sequence, KV head) for decode: about 2 programs per SM, at least 256 tokens per split.
     Depends only on B, Hkv, block_tables.shape[1] (a fixed bound under CUDA graphs) and the device."""
-    want = triton.cdiv(2 * _num_sms(torch.device(device)), batch * kv_heads)
-    return max(1, min(want, triton.cdiv(max_blocks * block_size, 256), MAX_SPLITS))
+    want = cdiv(2 * _num_sms(torch.device(device)), batch * kv_heads)
+    return max(1, min(want, cdiv(max_blocks * block_size, 256), MAX_SPLITS))
 
 
 def decode(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window=None, num_splits=None,
@@ -270,7 +270,7 @@ def prefill(q, k_cache, v_cache, block_tables, seq_lens, cu_q, max_query_len, sc
     bm = block_m or (128 if gpu and max_query_len * G >= 128 else 64 if gpu else 16)
     bn = block_n or (64 if gpu else 16)
     warps = 8 if gpu and bm >= 128 and D >= 128 else 4
-    grid = (B, triton.cdiv(max_query_len * G, bm), hkv)
+    grid = (B, cdiv(max_query_len * G, bm), hkv)
     _prefill_kernel[grid](
         q, k_cache, v_cache, out, block_tables, seq_lens, cu_q, scale * LOG2E, int(sliding_window or 0),
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),

@@ -16,6 +16,16 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def cdiv(a: int, b: int) -> int:
+    """Host-side ceil division for launch grids: triton.cdiv / next_power_of_2 are ConstexprFunctions in recent
+    Triton (~3 us per call), and eager launch wrappers call them dozens of times per layer."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
 def interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUE
 

@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .backend import interpreter_on
+from .backend import cdiv, interpreter_on, next_pow2
 
 
 @triton.jit
@@ -75,7 +75,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
         new_res = x
     if T == 0:
         return out, new_res
-    block = triton.next_power_of_2(H)
+    block = next_pow2(H)
     warps = max(1, min(16, block // 256))
     r = residual if residual is not None else x
     _rms_norm_kernel[(T,)](x, r, weight, out, new_res, x.stride(0), r.stride(0), out.stride(0),
@@ -92,7 +92,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     out = torch.empty(T, I, dtype=gate_up.dtype, device=gate_up.device)
     if T == 0:
         return out
-    block = min(1024, triton.next_power_of_2(I))
-    _silu_mul_kernel[(T, triton.cdiv(I, block))](gate_up, out, gate_up.stride(0), out.stride(0), I, BLOCK=block,
+    block = min(1024, next_pow2(I))
+    _silu_mul_kernel[(T, cdiv(I, block))](gate_up, out, gate_up.stride(0), out.stride(0), I, BLOCK=block,
                                                  RNE_BF16=_rne_bf16(gate_up), num_warps=4)
     return out

@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .backend import interpreter_on
+from .backend import cdiv, interpreter_on, next_pow2
 
 # Work decomposition shared by both kernels. Tokens are grouped by slot (meta.sorted_tokens, meta.seg_start);
 # each slot's segment is cut into BLOCK_M-row tiles and the tiles of all slots are numbered consecutively.
@@ -139,7 +139,7 @@ def _expand_kernel(buf_ptr, b_ptr, y_ptr, ranks_ptr, scales_ptr, sorted_ptr, seg
 
 
 def _pow2(n: int, lo: int = 16) -> int:
-    return max(lo, triton.next_power_of_2(max(int(n), 1)))
+    return max(lo, next_pow2(max(int(n), 1)))
 
 
 
@@ -165,12 +165,12 @@ def shrink_plan(T: int, K: int, L: int, R: int, device: torch.device, split_k: i
     bm, br = _block_m(T), min(64, _pow2(R))
     bk = 128 if T <= 256 else 64
     if split_k is None:  # decode: few output tiles, so split K; prefill: split only to fill the SMs
-        tiles = triton.cdiv(T, bm) * L * triton.cdiv(R, br)
-        split_k = K // 512 if T <= 256 else triton.cdiv(2 * _num_sms(device), tiles)
+        tiles = cdiv(T, bm) * L * cdiv(R, br)
+        split_k = K // 512 if T <= 256 else cdiv(2 * _num_sms(device), tiles)
         split_k = max(1, min(16, split_k, K // 256))
-    bk = max(16, min(bk, _pow2(triton.cdiv(K, split_k))))
-    k_iters = triton.cdiv(triton.cdiv(K, split_k), bk)
-    return dict(bm=bm, br=br, bk=bk, k_iters=k_iters, parts=triton.cdiv(K, k_iters * bk))
+    bk = max(16, min(bk, _pow2(cdiv(K, split_k))))
+    k_iters = cdiv(cdiv(K, split_k), bk)
+    return dict(bm=bm, br=br, bk=bk, k_iters=k_iters, parts=cdiv(K, k_iters * bk))
 
 
 def shrink(x, a_stack, ranks, meta, out, plan: dict) -> None:
@@ -181,7 +181,7 @@ def shrink(x, a_stack, ranks, meta, out, plan: dict) -> None:
     R = LR // L
     if T == 0 or R == 0:
         return
-    grid = (L * triton.cdiv(R, plan["br"]), triton.cdiv(T, plan["bm"]) + min(S, T), plan["parts"])
+    grid = (L * cdiv(R, plan["br"]), cdiv(T, plan["bm"]) + min(S, T), plan["parts"])
     _shrink_kernel[grid](
         x, a_stack, out, ranks, meta.sorted_tokens, meta.seg_start, T, K, R, S, x.stride(0),
         L=L, S_POW2=_pow2(S, 2), BLOCK_M=plan["bm"], BLOCK_R=plan["br"], BLOCK_K=plan["bk"],
@@ -199,12 +199,12 @@ def expand(y, buf, b_stack, ranks, scales, slice_offsets, meta, n_iters: int | N
     n_iters = n_iters or (2 if T <= 256 else 4)  # column tiles per program (H100 sweep: 2 decode, 4 prefill)
     offs = list(slice_offsets[1:-1]) + [N] * (4 - L)  # OFF1..OFF3; unused slices are empty
     ch = bn * n_iters
-    chunks = sum(triton.cdiv(hi - lo, ch) for lo, hi in zip([0] + offs, offs + [N]))
-    grid = (triton.cdiv(T, bm) + min(S, T), chunks)
+    chunks = sum(cdiv(hi - lo, ch) for lo, hi in zip([0] + offs, offs + [N]))
+    grid = (cdiv(T, bm) + min(S, T), chunks)
     _expand_kernel[grid](
         buf, b_stack, y, ranks, scales, meta.sorted_tokens, meta.seg_start, T, N, R, S, *offs, y.stride(0),
         L=L, NUM_PARTS=buf.shape[0], S_POW2=_pow2(S, 2), BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br,
-        R_TILES=triton.cdiv(R, br), N_ITERS=n_iters, EXACT=y.dtype == torch.float32, num_warps=4, num_stages=2)
+        R_TILES=cdiv(R, br), N_ITERS=n_iters, EXACT=y.dtype == torch.float32, num_warps=4, num_stages=2)
 
 
 def add_lora(y, x, a_stack, b_stack, ranks, scales, slice_offsets, meta, split_k: int | None = None) -> None:

@@ -5,6 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .backend import cdiv, next_pow2
 from .fused_ops_triton import _cast, _rne_bf16
 
 
@@ -76,9 +77,9 @@ def rope_write_kv(qkv, positions, cos, sin, k_cache, v_cache, slot_mapping, num_
     qkv, cos, sin = _unit_last(qkv), _unit_last(cos), _unit_last(sin)
     positions, slot_mapping = positions.contiguous(), slot_mapping.contiguous()
     heads = num_heads + num_kv_heads
-    half_p = triton.next_power_of_2(head_dim // 2)
-    bh = max(1, min(triton.next_power_of_2(heads), 1024 // (2 * half_p)))  # ~1024 elements per program
-    _rope_kv_kernel[(T, triton.cdiv(heads, bh))](
+    half_p = next_pow2(head_dim // 2)
+    bh = max(1, min(next_pow2(heads), 1024 // (2 * half_p)))  # ~1024 elements per program
+    _rope_kv_kernel[(T, cdiv(heads, bh))](
         qkv, positions, cos, sin, slot_mapping, q, k_cache, v_cache,
         qkv.stride(0), cos.stride(0), sin.stride(0), q.stride(0), q.stride(1),
         *k_cache.stride()[:3], *v_cache.stride()[:3],

@@ -2,6 +2,8 @@
 that uses them (a few strided copies) gives exactly the slot contents of the tensor-by-tensor copy."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -106,3 +108,29 @@ def test_pack_on_demand_and_layer_check():
         [0, 0, 0], [0, 4, 0], [0, 0, 0]]
     with pytest.raises(ValueError, match="layer"):
         pack({(3, "k_proj"): (a, b)}, {(3, "k_proj"): 1.0}, 3, torch.float32)
+
+
+def test_reused_read_buffer_decodes_like_safetensors(world, tmp_path, monkeypatch):
+    """Disk loads read into a per-thread buffer and view it in place; the packed copy must not depend on it."""
+    from safetensors.torch import load_file
+
+    from loramux.adapters.safetensors_io import WEIGHTS_FILE, load_safetensors, read_reusing
+
+    base, adapters = world
+    spec = BaseModelSpec.from_hf_config(ModelConfig.from_dir(base).raw, 16)
+    first = load_adapter(adapters["all-r8"], spec, torch.float32)
+    snapshot = {lm: (a.clone(), b.clone()) for lm, (a, b) in first.weights.items()}
+    for name, path in adapters.items():  # later loads overwrite the same read buffer
+        view = read_reusing(path / WEIGHTS_FILE, 1 << 30, WEIGHTS_FILE)
+        ours, ref = load_safetensors(view), load_file(str(path / WEIGHTS_FILE))
+        assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ref), name
+        load_adapter(path, spec, torch.float32)
+    assert all(torch.equal(a, snapshot[lm][0]) and torch.equal(b, snapshot[lm][1])
+               for lm, (a, b) in first.weights.items())
+    grown = tmp_path / "w.safetensors"
+    grown.write_bytes(b"x" * 10)
+    real_stat = Path.stat
+    small = type("Stat", (), {"st_size": 5})()  # stat said 5 bytes; 10 are read: the file grew meanwhile
+    monkeypatch.setattr(Path, "stat", lambda self, *a, **k: small if self == grown else real_stat(self, *a, **k))
+    with pytest.raises(Exception, match="changed size"):
+        read_reusing(grown, 100, "w")
