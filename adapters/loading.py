@@ -59,14 +59,16 @@ class AdapterLoader:
         self._gen: dict[str, int] = {}  # bumped by invalidate() so stale in-flight results are dropped
         self.latency = Histogram()  # seconds per successful disk -> CPU load (read + validate + pin)
         self.loads = 0  # successful disk -> CPU loads
+        self.phase_seconds: dict[str, float] = {}  # summed over loads: read, decode, alloc (pinning), pack, check
 
     def _load(self, adapter_id: str, gen: int) -> LoadedAdapter:
         path = self.registry.path_of(adapter_id)
         if path is None:
             raise AdapterError(f"adapter {adapter_id!r} does not exist", "model", NOT_FOUND)
-        t0 = time.perf_counter()
+        t0, phases = time.perf_counter(), {}
         try:
-            adapter = load_adapter(path, self.spec, self.dtype, adapter_id=adapter_id, pin=self.cache.pin)
+            adapter = load_adapter(path, self.spec, self.dtype, adapter_id=adapter_id, pin=self.cache.pin,
+                                   phases=phases)
         except AdapterError:
             raise
         except Exception as exc:  # I/O or decoding trouble: report it, never kill the worker
@@ -79,6 +81,8 @@ class AdapterLoader:
         self.latency.observe(time.perf_counter() - t0)
         with self._lock:
             self.loads += 1
+            for k, v in phases.items():
+                self.phase_seconds[k] = self.phase_seconds.get(k, 0.0) + v
         return adapter
 
     def _cached_error(self, adapter_id: str) -> AdapterError | None:

@@ -5,6 +5,7 @@ Few calls matter off the engine thread too: each call that releases the GIL may 
 to hand it back (up to the interpreter's switch interval)."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -72,12 +73,15 @@ def _plan(weights: Weights, num_layers: int, dtype: torch.dtype) -> tuple[tuple,
 
 
 def pack(weights: Weights, scales: dict[tuple[int, str], float], num_layers: int, dtype: torch.dtype,
-         pin: bool = False) -> tuple[PackedAdapter, Weights]:
-    """-> (packed adapter, the same weights as views into it, cast to dtype). Layers >= num_layers are refused."""
+         pin: bool = False, phases: dict[str, float] | None = None) -> tuple[PackedAdapter, Weights]:
+    """-> (packed adapter, the same weights as views into it, cast to dtype). Layers >= num_layers are refused.
+    phases: seconds spent allocating ("alloc", page-locking when pin) and filling ("pack") are added to it."""
     if any(layer >= num_layers or layer < 0 for layer, _ in weights):
         raise ValueError(f"weights name a layer outside 0..{num_layers - 1}")
     layout, size = _plan(weights, num_layers, dtype)
+    t0 = time.perf_counter()
     buf = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
+    t1 = time.perf_counter()
     p = _views(num_layers, buf, layout)
     slice_of = {m: (g, i) for g, mods in GROUPS for i, m in enumerate(mods)}
     for m, a_m in p.a.items():  # zero only what no weight will cover (untargeted layers, rank padding)
@@ -111,4 +115,7 @@ def pack(weights: Weights, scales: dict[tuple[int, str], float], num_layers: int
     for g in p.ranks:  # one copy per group, not one tensor op per (layer, module)
         p.ranks[g].copy_(torch.tensor(ranks[g], dtype=torch.int32))
         p.scales[g].copy_(torch.tensor(scale_rows[g], dtype=torch.float32))
+    if phases is not None:
+        phases["alloc"] = phases.get("alloc", 0.0) + t1 - t0
+        phases["pack"] = phases.get("pack", 0.0) + time.perf_counter() - t1
     return p, views

@@ -170,6 +170,7 @@ class AdapterService(SlotGate):
                 "resident": sorted(self.table.resident()), "cpu_cached": len(self.cache),
                 "evictions_total": {"cpu": cache.get("evictions", 0), "gpu": self.counters["gpu_evictions"]},
                 "hits_total": {"gpu": self.counters["gpu_hits"], "cpu": cache.get("hits", 0)},
+                "disk_load_phase_seconds": dict(self.loader.phase_seconds),
                 **self.gate_stats()}
 
     def close(self) -> None:

@@ -40,6 +40,9 @@ def test_tenant_reaches_the_engine_and_metrics_have_adapter_histograms(srv):
                  'loramux_adapter_prefetch_hits_total{tier="gpu"}', 'loramux_adapter_prefetches_total{tier="disk"}',
                  "loramux_adapter_slots_loading", "loramux_adapter_prefetch_wasted_total"):
         assert line in text, line
+    phases = {ln.split('"')[1]: float(ln.split()[-1]) for ln in text.splitlines()
+              if ln.startswith("loramux_adapter_disk_load_phase_seconds_total{")}
+    assert set(phases) == {"read", "decode", "alloc", "pack", "check"} and phases["pack"] > 0, phases
     count = [ln for ln in text.splitlines() if ln.startswith("loramux_adapter_wait_seconds_count")]
     assert float(count[0].split()[-1]) >= 2  # two adapter requests admitted
 

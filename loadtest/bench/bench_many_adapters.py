@@ -203,7 +203,8 @@ def main(argv=None) -> dict:
     after = svc.stats()
     counters = {k: {t: after[k][t] - before[k].get(t, 0) for t in after[k]} if isinstance(after[k], dict)
                 else after[k] - before[k] for k in ("loads_total", "evictions_total", "prefetches_total",
-                                                    "prefetch_hits_total", "waits_total", "prefetch_wasted_total")}
+                                                    "prefetch_hits_total", "waits_total", "prefetch_wasted_total",
+                                                    "disk_load_phase_seconds")}
     adapter_mb = {r: svc.cache.peek(a).nbytes / 1e6 for a, r in rank_of.items() if svc.cache.peek(a) is not None}
     out = {"shape": args.shape, "adapters": args.adapters, "ranks": ranks, "zipf": args.zipf,
            "max_loras": args.max_loras, "rate_req_s": rate, "single": single, "many": result,

@@ -155,6 +155,13 @@ class _LiveCollector:
                 for tier, value in sorted(stats[key].items()):
                     fam.add_metric([str(tier)], value)
                 yield fam
+        if isinstance(stats.get("disk_load_phase_seconds"), dict):
+            fam = CounterMetricFamily("loramux_adapter_disk_load_phase_seconds", "Seconds of disk -> CPU adapter "
+                                      "loads by step: read, decode, alloc (page-locking), pack, check.",
+                                      labels=["phase"])
+            for phase, value in sorted(stats["disk_load_phase_seconds"].items()):
+                fam.add_metric([phase], value)
+            yield fam
         yield from _histograms(stats)
         for key, value in sorted(stats.items()):  # any other scalar counter the service adds (e.g. waits_total)
             if key == "slots_total":  # a gauge above (a capacity, not a count of events)
