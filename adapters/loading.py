@@ -49,7 +49,7 @@ class AdapterLoader:
     """request() starts a background load (idempotent); poll() returns the adapter, its error, or None."""
 
     def __init__(self, registry: AdapterRegistry, spec: BaseModelSpec, dtype: torch.dtype,
-                 cpu_cache: CpuAdapterCache, max_workers: int = 4, error_ttl_s: float = 5.0):
+                 cpu_cache: CpuAdapterCache, max_workers: int = 2, error_ttl_s: float = 5.0):
         self.registry, self.spec, self.dtype, self.cache = registry, spec, dtype, cpu_cache
         self.error_ttl_s = error_ttl_s
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="adapter-load")
