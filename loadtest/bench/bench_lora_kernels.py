@@ -17,6 +17,7 @@ GROUPS = [("qkv", 4096, (4096, 1024, 1024)), ("o", 4096, (4096,)), ("gate_up", 4
 CASES = [(1, 1), (32, 1), (32, 4), (32, 32), (64, 1), (64, 4), (64, 32), (256, 1), (256, 4), (256, 32),
          (4096, 1), (4096, 4), (4096, 32)]  # (T tokens, D distinct adapters)
 BREAKDOWN, SWEEP = [(1, 1), (32, 32), (256, 32), (4096, 4)], [(32, 32), (4096, 4)]
+GRID = [(T, D) for T in (1, 8, 32, 64, 256, 2048) for D in (1, 8, 32, 64)]  # issue 4's grid (D <= T kept)
 
 
 def build_layer(S: int, r: int, dtype, seed: int = 0):
@@ -44,7 +45,8 @@ def gather_bmm(grp, x, y, slots):
         y[:, lo:hi] += (grp["scales"][slots, i:i + 1] * d.float()).to(y.dtype)
 
 
-def run_case(layer, T: int, D: int, S: int, r: int, dtype, iters: int, copy_bps: float) -> dict:
+def run_case(layer, T: int, D: int, S: int, r: int, dtype, iters: int, copy_bps: float,
+             torch_ref: bool = True) -> dict:
     g = torch.Generator(device="cuda").manual_seed(T * 1000 + D)
     slots = (torch.arange(T, device="cuda") % D)[torch.randperm(T, generator=g, device="cuda")].to(torch.int32)
     xs = [torch.randn(T, grp["K"], generator=g, device="cuda").to(dtype) for grp in layer]
@@ -66,7 +68,7 @@ def run_case(layer, T: int, D: int, S: int, r: int, dtype, iters: int, copy_bps:
     with torch.cuda.graph(graph):
         tri()
     t_graph = cuda_time_us(graph.replay, iters)
-    t_torch = cuda_time_us(layer_fn("torch"), max(3, iters // 10))
+    t_torch = cuda_time_us(layer_fn("torch"), max(3, iters // 10)) if torch_ref else None
     t_bmm = None
     if T <= 256:
         slots_l = slots.long()
@@ -125,6 +127,32 @@ def breakdown(layer, T: int, D: int, S: int, r: int, dtype, copy_bps: float, swe
     return out
 
 
+def run_grid(args, dtype, copy_bps: float) -> int:
+    """Issue 4's grid: time, byte floor and ratio, gather+bmm beside it (T <= 256), per rank; 64 slots."""
+    print("| r | T | D | MB moved | floor us | triton graph us | x floor | triton eager us | gather+bmm us | bmm / graph |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    rows = []
+    for r in (int(v) for v in args.ranks.split(",")):
+        layer = build_layer(64, r, dtype)
+        for T, D in GRID:
+            if D > T:
+                continue
+            w = run_case(layer, T, D, 64, r, dtype, args.iters if T <= 256 else max(20, args.iters // 10), copy_bps,
+                         torch_ref=False)
+            rows.append(w)
+            bmm, graph_us = w["gather_bmm_us"], w["triton_graph_us"]
+            bmm_cols = "- | -" if bmm is None else f"{bmm:.1f} | {bmm / graph_us:.1f}x"
+            print(f"| {r} | {T} | {D} | {w['bytes'] / 1e6:.1f} | {w['floor_us']:.1f} | {graph_us:.1f} | "
+                  f"{graph_us / w['floor_us']:.2f} | {w['triton_eager_us']:.1f} | {bmm_cols} |", flush=True)
+        del layer
+        torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), copy_bps=copy_bps, args=vars(args), rows=rows), f,
+                      indent=1)
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rank", type=int, default=16)
@@ -134,12 +162,17 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the raw results here")
     ap.add_argument("--breakdown", action="store_true", help="also time shrink / expand of each group alone")
     ap.add_argument("--sweep", action="store_true", help="with --breakdown: try split-K and N-tile variants")
+    ap.add_argument("--grid", action="store_true", help="issue 4's grid: T 1..2048 x D 1..64 x --ranks (64 slots, "
+                    "no torch reference column)")
+    ap.add_argument("--ranks", default="8,16,64", help="ranks of the --grid run")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_lora_kernels: needs a CUDA GPU", file=sys.stderr)
         return 2
     dtype = getattr(torch, args.dtype)
     copy_bps = copy_bandwidth()
+    if args.grid:
+        return run_grid(args, dtype, copy_bps)
     layer = build_layer(args.slots, args.rank, dtype)
     rows = [run_case(layer, T, D, args.slots, args.rank, dtype, args.iters if T <= 256 else max(20, args.iters // 10),
                      copy_bps) for T, D in CASES if D <= T]
