@@ -168,9 +168,18 @@ def shrink_plan(T: int, K: int, L: int, R: int, device: torch.device, split_k: i
         tiles = cdiv(T, bm) * L * cdiv(R, br)
         split_k = K // 512 if T <= 256 else cdiv(2 * _num_sms(device), tiles)
         split_k = max(1, min(16, split_k, K // 256))
+        if T > 256:  # a power of two: K_ITERS / NUM_PARTS are constexprs, so every distinct value is a compile
+            split_k = 1 << (split_k.bit_length() - 1)  # (each ~1 s, stalling the server the first time it is seen)
     bk = max(16, min(bk, _pow2(cdiv(K, split_k))))
     k_iters = cdiv(cdiv(K, split_k), bk)
     return dict(bm=bm, br=br, bk=bk, k_iters=k_iters, parts=cdiv(K, k_iters * bk))
+
+
+def launch_key(T: int, K: int, L: int, R: int, device: torch.device) -> tuple:
+    """Everything of add_lora's two launches that Triton compiles for, as a function of T (the other inputs are
+    fixed by the model): the constexprs of both plans plus T's own integer specialization (== 1, % 16)."""
+    plan = shrink_plan(T, K, L, R, device)
+    return (T == 1, T % 16 == 0, tuple(sorted(plan.items())), 2 if T <= 256 else 4)
 
 
 def shrink(x, a_stack, ranks, meta, out, plan: dict) -> None:

@@ -176,6 +176,10 @@ class Runtime:
         self._register_startup_adapters(config)
         if self.device.type == "cuda" and not config.enforce_eager and parallel is None:
             self.engine.runner.enable_cuda_graphs(config.max_num_seqs)
+        if self.device.type == "cuda" and parallel is None:  # CPU has nothing to compile; TP would need the workers
+            from loramux.server.runner.warm_up import warm_up
+
+            warm_up(self.engine.runner, config.max_num_batched_tokens)
         self.async_engine = AsyncEngine(self.engine, self.tokenizer)
         self.ready = False
         self.draining = False  # set by a graceful shutdown: /ready and new requests answer 503

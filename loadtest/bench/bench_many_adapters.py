@@ -28,6 +28,7 @@ from loramux.server.adapter_service import AdapterService
 from loramux.server.engine.request import SamplingParams
 from loramux.server.engine.scheduler import SchedulerConfig
 from loramux.server.models.shapes import shape_config
+from loramux.server.runner.warm_up import warm_up
 from loramux.server.runtime import attach_adapters, build_engine
 
 
@@ -64,6 +65,8 @@ def make_engine(args, cfg, svc: AdapterService):
     attach_adapters(engine, svc, async_copies=False if args.sync_adapter_copies else None)
     if not args.enforce_eager and dev.type == "cuda":
         engine.runner.enable_cuda_graphs(args.max_num_seqs)
+    if dev.type == "cuda":  # as the server does: no Triton compile inside a measured run
+        warm_up(engine.runner, args.max_num_batched_tokens)
     return engine
 
 
