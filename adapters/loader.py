@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,8 +39,7 @@ class LoadedAdapter:
             return self
         if self.packed is not None:
             packed = self.packed.pinned()
-            self.weights = {lm: (packed.a[lm[1]][lm[0], :a.shape[0]], packed.b[lm[1]][lm[0], :, :a.shape[0]])
-                            for lm, (a, _) in self.weights.items()}
+            self.weights = {lm: packed.view(*lm, a.shape[0]) for lm, (a, _) in self.weights.items()}
             self.packed = packed
         else:
             self.pack(pin=True)
@@ -80,8 +80,7 @@ def read_config(path: Path) -> LoraConfig:
 
 
 def build(config: LoraConfig, data: bytes | memoryview, spec: BaseModelSpec, dtype: torch.dtype,
-          adapter_id: str | None = None, pin: bool = False, phases: dict[str, float] | None = None
-          ) -> LoadedAdapter:
+          adapter_id: str | None = None, pin: bool = False, phases: Counter | None = None) -> LoadedAdapter:
     """Validate weights bytes against config + spec (header first, then values), cast to `dtype` straight into
     the packed form (pinned with pin=True, falling back to pageable memory when page-locking fails).
     phases: seconds per step ("decode", "alloc", "pack", "check") are added to it."""
@@ -90,8 +89,8 @@ def build(config: LoraConfig, data: bytes | memoryview, spec: BaseModelSpec, dty
     tensors = load_safetensors(data)
     weights = {lm: (tensors[ka], tensors[kb]) for lm, (ka, kb) in pairs.items()}
     scales = {lm: config.scale_for(*lm) for lm in weights}
-    phases = {} if phases is None else phases
-    phases["decode"] = phases.get("decode", 0.0) + time.perf_counter() - t0
+    phases = Counter() if phases is None else phases
+    phases["decode"] += time.perf_counter() - t0
     try:
         packed, views = pack(weights, scales, spec.num_layers, dtype, pin, phases)
     except RuntimeError:  # page-locked memory exhausted: pageable still works, only uploads are slower
@@ -99,7 +98,7 @@ def build(config: LoraConfig, data: bytes | memoryview, spec: BaseModelSpec, dty
     t0 = time.perf_counter()
     if not all_finite([*packed.a.values(), *packed.b.values()]):
         check_finite(tensors, pairs, dtype)  # names the tensor; passes only if a finite sum overflowed
-    phases["check"] = phases.get("check", 0.0) + time.perf_counter() - t0
+    phases["check"] += time.perf_counter() - t0
     nbytes = sum(a.nbytes + b.nbytes for a, b in views.values())
     max_rank = max(a.shape[0] for a, _ in views.values())
     return LoadedAdapter(adapter_id, config, views, scales, max_rank, nbytes, spec.num_layers, packed)
@@ -107,7 +106,7 @@ def build(config: LoraConfig, data: bytes | memoryview, spec: BaseModelSpec, dty
 
 def load_adapter(path: Path, spec: BaseModelSpec, dtype: torch.dtype = torch.float32,
                  adapter_id: str | None = None, max_weights_bytes: int = MAX_WEIGHTS_BYTES,
-                 pin: bool = False, phases: dict[str, float] | None = None) -> LoadedAdapter:
+                 pin: bool = False, phases: Counter | None = None) -> LoadedAdapter:
     """Load and fully validate a PEFT LoRA folder; every refusal is an AdapterError naming the key/field.
     phases: seconds per step ("read" and those of build()) are added to it."""
     t0 = time.perf_counter()
@@ -116,5 +115,5 @@ def load_adapter(path: Path, spec: BaseModelSpec, dtype: torch.dtype = torch.flo
     config = read_config(cfg_path)
     data = read_reusing(weights_path, max_weights_bytes, WEIGHTS_FILE)  # build() copies out before it returns
     if phases is not None:
-        phases["read"] = phases.get("read", 0.0) + time.perf_counter() - t0
+        phases["read"] += time.perf_counter() - t0
     return build(config, data, spec, dtype, adapter_id, pin, phases)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 
@@ -59,13 +60,13 @@ class AdapterLoader:
         self._gen: dict[str, int] = {}  # bumped by invalidate() so stale in-flight results are dropped
         self.latency = Histogram()  # seconds per successful disk -> CPU load (read + validate + pin)
         self.loads = 0  # successful disk -> CPU loads
-        self.phase_seconds: dict[str, float] = {}  # summed over loads: read, decode, alloc (pinning), pack, check
+        self.phase_seconds = Counter()  # seconds summed over loads: read, decode, alloc (pinning), pack, check
 
     def _load(self, adapter_id: str, gen: int) -> LoadedAdapter:
         path = self.registry.path_of(adapter_id)
         if path is None:
             raise AdapterError(f"adapter {adapter_id!r} does not exist", "model", NOT_FOUND)
-        t0, phases = time.perf_counter(), {}
+        t0, phases = time.perf_counter(), Counter()
         try:
             adapter = load_adapter(path, self.spec, self.dtype, adapter_id=adapter_id, pin=self.cache.pin,
                                    phases=phases)
@@ -81,8 +82,7 @@ class AdapterLoader:
         self.latency.observe(time.perf_counter() - t0)
         with self._lock:
             self.loads += 1
-            for k, v in phases.items():
-                self.phase_seconds[k] = self.phase_seconds.get(k, 0.0) + v
+            self.phase_seconds.update(phases)  # Counter.update adds
         return adapter
 
     def _cached_error(self, adapter_id: str) -> AdapterError | None:

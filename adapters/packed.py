@@ -6,6 +6,7 @@ to hand it back (up to the interpreter's switch interval)."""
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,10 @@ class PackedAdapter:
     b: dict[str, torch.Tensor]
     ranks: dict[str, torch.Tensor]
     scales: dict[str, torch.Tensor]
+
+    def view(self, layer: int, module: str, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A [rank, in], B [out, rank]) of one layer's module, as views into the buffer."""
+        return self.a[module][layer, :rank], self.b[module][layer, :, :rank]
 
     @property
     def is_pinned(self) -> bool:
@@ -73,7 +78,7 @@ def _plan(weights: Weights, num_layers: int, dtype: torch.dtype) -> tuple[tuple,
 
 
 def pack(weights: Weights, scales: dict[tuple[int, str], float], num_layers: int, dtype: torch.dtype,
-         pin: bool = False, phases: dict[str, float] | None = None) -> tuple[PackedAdapter, Weights]:
+         pin: bool = False, phases: Counter | None = None) -> tuple[PackedAdapter, Weights]:
     """-> (packed adapter, the same weights as views into it, cast to dtype). Layers >= num_layers are refused.
     phases: seconds spent allocating ("alloc", page-locking when pin) and filling ("pack") are added to it."""
     if any(layer >= num_layers or layer < 0 for layer, _ in weights):
@@ -108,7 +113,7 @@ def pack(weights: Weights, scales: dict[tuple[int, str], float], num_layers: int
     scale_rows = {g: [[0.0] * len(mods) for _ in range(num_layers)] for g, mods in GROUPS}
     for (layer, m), (a, b) in weights.items():
         r = a.shape[0]
-        views[(layer, m)] = (p.a[m][layer, :r], p.b[m][layer, :, :r])
+        views[(layer, m)] = p.view(layer, m, r)
         g, i = slice_of[m]
         ranks[g][layer][i] = r
         scale_rows[g][layer][i] = float(scales[(layer, m)])
@@ -116,6 +121,6 @@ def pack(weights: Weights, scales: dict[tuple[int, str], float], num_layers: int
         p.ranks[g].copy_(torch.tensor(ranks[g], dtype=torch.int32))
         p.scales[g].copy_(torch.tensor(scale_rows[g], dtype=torch.float32))
     if phases is not None:
-        phases["alloc"] = phases.get("alloc", 0.0) + t1 - t0
-        phases["pack"] = phases.get("pack", 0.0) + time.perf_counter() - t1
+        phases["alloc"] += t1 - t0
+        phases["pack"] += time.perf_counter() - t1
     return p, views
