@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from triton_interp import run_triton_cases
 from loramux.kernels.attention import (paged_attention, paged_attention_reference, resolve_backend, write_kv,
                                        write_kv_reference)
 
@@ -193,8 +192,4 @@ def test_resolve_backend(monkeypatch):
 @pytest.mark.skipif(not HAS_TRITON or INTERPRET, reason="triton missing, or Triton cases already run in-process")
 def test_triton_interpreter_suite():
     """Re-runs every Triton case of this file under TRITON_INTERPRET=1 in a fresh interpreter."""
-    env = dict(os.environ, TRITON_INTERPRET="1", LORAMUX_ATTENTION_BACKEND="")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", "triton"]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout[-6000:] + p.stderr[-3000:]
-    assert " passed" in p.stdout and " failed" not in p.stdout
+    run_triton_cases(__file__, "triton", {"LORAMUX_ATTENTION_BACKEND": ""})

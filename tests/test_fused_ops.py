@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from triton_interp import run_triton_cases
 from loramux.kernels import fused_ops
 from loramux.kernels.fused_ops import rms_norm, rms_norm_reference, silu_mul, silu_mul_reference
 
@@ -105,12 +106,7 @@ def test_triton_silu_mul(shape, dtype):
 @pytest.mark.skipif(not HAS_TRITON or INTERPRET, reason="triton missing, or Triton cases already run in-process")
 def test_triton_interpreter_suite():
     """Re-runs the Triton cases of this file under TRITON_INTERPRET=1 in a fresh interpreter."""
-    env = dict(os.environ, TRITON_INTERPRET="1", LORAMUX_FUSED_OPS_BACKEND="")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
-           "-k", "triton_rms or triton_silu"]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout[-6000:] + p.stderr[-3000:]
-    assert " passed" in p.stdout and " failed" not in p.stdout and "skipped" not in p.stdout, p.stdout[-2000:]
+    run_triton_cases(__file__, "triton_rms or triton_silu", {"LORAMUX_FUSED_OPS_BACKEND": ""}, allow_skips=False)
 
 
 _ENGINE_SCRIPT = """

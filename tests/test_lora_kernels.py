@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+from triton_interp import run_triton_cases
 from loramux.kernels.lora import (LoRAMeta, add_lora, build_lora_meta, lora_expand, lora_shrink,
                                   resolve_backend)
 
@@ -291,8 +290,4 @@ def test_resolve_backend(monkeypatch):
 def test_triton_interpreter_suite():
     """Re-runs every Triton case of this file under TRITON_INTERPRET=1 in a fresh interpreter, so the env var
     (read when kernels are decorated) never leaks into the rest of the test session."""
-    env = dict(os.environ, TRITON_INTERPRET="1", LORAMUX_KERNEL_BACKEND="")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", "triton"]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout[-6000:] + p.stderr[-3000:]
-    assert " passed" in p.stdout and " failed" not in p.stdout
+    run_triton_cases(__file__, "triton", {"LORAMUX_KERNEL_BACKEND": ""})

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from triton_interp import run_triton_cases
 from loramux.kernels import rope_kv
 from loramux.kernels.attention import write_kv_reference
 from loramux.kernels.rope_kv import rope_write_kv, rope_write_kv_reference
@@ -148,12 +149,8 @@ def test_triton_all_padding_and_empty(nan_empty):
 @pytest.mark.skipif(not HAS_TRITON or INTERPRET, reason="triton missing, or Triton cases already run in-process")
 def test_triton_interpreter_suite():
     """Re-runs the Triton cases of this file under TRITON_INTERPRET=1 in a fresh interpreter."""
-    env = dict(os.environ, TRITON_INTERPRET="1", LORAMUX_FUSED_OPS_BACKEND="")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
-           "-k", "test_triton_rope_kv or test_triton_all_padding"]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stdout[-6000:] + p.stderr[-3000:]
-    assert " passed" in p.stdout and " failed" not in p.stdout and "skipped" not in p.stdout, p.stdout[-2000:]
+    run_triton_cases(__file__, "test_triton_rope_kv or test_triton_all_padding", {"LORAMUX_FUSED_OPS_BACKEND": ""},
+                     timeout=600, allow_skips=False)
 
 
 _ENGINE_SCRIPT = """
