@@ -36,6 +36,12 @@ def _no_dupes(pairs):
 def parse_header(data: bytes | memoryview, max_header_bytes: int = MAX_HEADER_BYTES
                  ) -> dict[str, tuple[str, tuple[int, ...]]]:
     """Validate the header and data layout of a whole safetensors buffer -> {key: (dtype, shape)}."""
+    return _parse(data, max_header_bytes)[0]
+
+
+def _parse(data: bytes | memoryview, max_header_bytes: int) -> tuple[dict[str, tuple[str, tuple[int, ...]]],
+                                                                     dict[str, int]]:
+    """parse_header's work -> ({key: (dtype, shape)}, {key: byte offset of its data in `data`})."""
     size = len(data)
     if size < 8:
         raise AdapterError(f"{WEIGHTS_FILE} is truncated ({size} bytes; the 8-byte header length is missing)",
@@ -61,6 +67,7 @@ def parse_header(data: bytes | memoryview, max_header_bytes: int = MAX_HEADER_BY
                            WEIGHTS_FILE, TOO_LARGE)
     data_len = size - 8 - n
     out: dict[str, tuple[str, tuple[int, ...]]] = {}
+    begins: dict[str, int] = {}
     spans = []
     for key, info in header.items():
         if not isinstance(info, dict):
@@ -85,6 +92,7 @@ def parse_header(data: bytes | memoryview, max_header_bytes: int = MAX_HEADER_BY
                                f"{shape} of {dtype} needs {math.prod(shape) * FLOAT_ITEMSIZE[dtype]}", key)
         spans.append((offs[0], offs[1], key))
         out[key] = (dtype, tuple(shape))
+        begins[key] = 8 + n + offs[0]
     end = 0
     for begin, stop, key in sorted(spans):
         if begin != end:  # the format requires tensors to tile the data section with no gap or overlap
@@ -93,7 +101,7 @@ def parse_header(data: bytes | memoryview, max_header_bytes: int = MAX_HEADER_BY
     if end != data_len:
         raise AdapterError(f"{WEIGHTS_FILE}: the data section has {data_len} bytes but the tensors cover "
                            f"{end} (truncated or corrupt file)", WEIGHTS_FILE)
-    return out
+    return out, begins
 
 
 def read_bytes(path: Path, max_bytes: int, name: str) -> bytes:
@@ -111,9 +119,9 @@ def read_bytes(path: Path, max_bytes: int, name: str) -> bytes:
 def load_safetensors(data: bytes | memoryview, max_header_bytes: int = MAX_HEADER_BYTES) -> dict[str, torch.Tensor]:
     """Validate the header ourselves, then decode: a writable buffer (see read_reusing) is viewed in place, no
     copy; immutable bytes (uploads) go through `safetensors`' own decoder."""
-    header = parse_header(data, max_header_bytes)
+    header, begins = _parse(data, max_header_bytes)
     if isinstance(data, memoryview) and not data.readonly:
-        return _views(data, header)
+        return _views(data, header, begins)
     try:
         tensors = _st_load(data)
     except Exception as exc:  # the library's own checks; our parse should have caught everything first
@@ -123,15 +131,13 @@ def load_safetensors(data: bytes | memoryview, max_header_bytes: int = MAX_HEADE
     return tensors
 
 
-def _views(data: memoryview, header: dict[str, tuple[str, tuple[int, ...]]]) -> dict[str, torch.Tensor]:
-    """Tensors viewing `data` (parse_header checked that the spans tile the data section exactly)."""
-    (n,) = struct.unpack("<Q", bytes(data[:8]))
-    raw = json.loads(bytes(data[8:8 + n]).decode("utf-8"))
+def _views(data: memoryview, header: dict[str, tuple[str, tuple[int, ...]]],
+           begins: dict[str, int]) -> dict[str, torch.Tensor]:
+    """Tensors viewing `data` at the offsets _parse checked (the spans tile the data section exactly)."""
     out = {}
     for key, (dtype, shape) in header.items():
-        begin = raw[key]["data_offsets"][0]
         count = math.prod(shape)
-        t = (torch.frombuffer(data, dtype=TORCH_DTYPES[dtype], count=count, offset=8 + n + begin) if count
+        t = (torch.frombuffer(data, dtype=TORCH_DTYPES[dtype], count=count, offset=begins[key]) if count
              else torch.empty(0, dtype=TORCH_DTYPES[dtype]))
         out[key] = t.view(shape)
     return out

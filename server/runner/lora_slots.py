@@ -31,9 +31,10 @@ class LoRASlots:
     PackedLinear layers; load() writes one adapter into one slot. `table` maps ids to slots. Holding every layer
     in one tensor lets a packed adapter (adapters.packed) land with one strided copy per module.
 
-    On CUDA, start_load() issues the copies from a worker thread on a separate stream, after the work already
-    queued on the compute stream, and records an event; ready(slot) polls it (never blocks). On CPU (or with
-    async_copies=False) start_load() copies at once and the slot is ready when it returns."""
+    On CUDA, start_load() issues the copies on a separate stream, after the work already queued on the compute
+    stream (from the caller's thread for a pinned packed adapter, else from a worker thread), and records an
+    event; ready(slot) polls it (never blocks). On CPU (or with async_copies=False) start_load() copies at once
+    and the slot is ready when it returns."""
 
     def __init__(self, model, num_slots: int, max_rank: int, dtype: torch.dtype, device: torch.device, table,
                  async_copies: bool | None = None):
