@@ -28,7 +28,7 @@ from loramux.server.adapter_service import AdapterService
 from loramux.server.engine.request import SamplingParams
 from loramux.server.engine.scheduler import SchedulerConfig
 from loramux.server.models.shapes import shape_config
-from loramux.server.runner.warm_up import warm_up
+from loramux.server.runner.warm_up import warm_up as warm_up_kernels
 from loramux.server.runtime import attach_adapters, build_engine
 
 
@@ -66,7 +66,7 @@ def make_engine(args, cfg, svc: AdapterService):
     if not args.enforce_eager and dev.type == "cuda":
         engine.runner.enable_cuda_graphs(args.max_num_seqs)
     if dev.type == "cuda":  # as the server does: no Triton compile inside a measured run
-        warm_up(engine.runner, args.max_num_batched_tokens)
+        warm_up_kernels(engine.runner, args.max_num_batched_tokens)
     return engine
 
 
@@ -77,7 +77,7 @@ def drain(engine) -> None:
             time.sleep(0.0005)
 
 
-def warm_up(engine, args, adapter: str, vocab: int) -> None:
+def warm_up_requests(engine, args, adapter: str, vocab: int) -> None:
     """Triton JIT, CUDA graphs and the first slot load stay out of every measurement."""
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
     for i in range(args.max_num_seqs):
@@ -158,6 +158,14 @@ def run(engine, svc, args, arrivals: list[float], adapters: list[str], vocab: in
             "max_blocked_steps": engine.scheduler.max_blocked_steps}
 
 
+def counter_deltas(before: dict, after: dict) -> dict:
+    """The adapter service's counters (svc.stats()) accrued between two snapshots."""
+    return {k: {t: after[k][t] - before[k].get(t, 0) for t in after[k]} if isinstance(after[k], dict)
+            else after[k] - before[k] for k in ("loads_total", "evictions_total", "prefetches_total",
+                                                "prefetch_hits_total", "waits_total", "prefetch_wasted_total",
+                                                "disk_load_phase_seconds")}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="llama3-8b")
@@ -178,6 +186,7 @@ def main(argv=None) -> dict:
     p.add_argument("--saturation-seconds", type=float, default=20.0, help="length of each closed-loop run")
     p.add_argument("--sync-adapter-copies", action="store_true", help="CPU -> GPU slot copies on the engine thread")
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--closed-loop-only", action="store_true", help="stop after the two closed-loop runs")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu: smoke runs only")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
@@ -189,14 +198,19 @@ def main(argv=None) -> dict:
     svc = make_service(args, cfg, tmp, ids, rank_of)
     engine = make_engine(args, cfg, svc)
     vocab = cfg.vocab_size
-    warm_up(engine, args, ids[0], vocab)
+    warm_up_requests(engine, args, ids[0], vocab)
     rng = random.Random(0)
     weights = [1.0 / (k + 1) ** args.zipf for k in range(len(ids))]
     sat_single = saturation_rate(engine, args, lambda r: ids[0], vocab, args.saturation_seconds)
+    before = svc.stats()
     sat_many = saturation_rate(engine, args, lambda r: r.choices(ids, weights)[0], vocab, args.saturation_seconds,
                                warm=args.saturation_seconds)
     print(f"closed loop: single {sat_single[1]:.0f} tok/s, many {sat_many[1]:.0f} tok/s "
-          f"(ratio {sat_many[1] / sat_single[1]:.3f})", flush=True)
+          f"(ratio {sat_many[1] / sat_single[1]:.3f}); counters over both many runs (warm-up + measured): "
+          f"{json.dumps(counter_deltas(before, svc.stats()), default=str)}", flush=True)
+    if args.closed_loop_only:
+        svc.close()
+        return {"closed_loop_ratio": sat_many[1] / sat_single[1]}
     rate = args.rate or args.load * sat_single[0]
     arrivals, t = [], 0.0
     while True:
@@ -209,10 +223,7 @@ def main(argv=None) -> dict:
     before = svc.stats()
     result = run(engine, svc, args, arrivals, many, vocab)
     after = svc.stats()
-    counters = {k: {t: after[k][t] - before[k].get(t, 0) for t in after[k]} if isinstance(after[k], dict)
-                else after[k] - before[k] for k in ("loads_total", "evictions_total", "prefetches_total",
-                                                    "prefetch_hits_total", "waits_total", "prefetch_wasted_total",
-                                                    "disk_load_phase_seconds")}
+    counters = counter_deltas(before, after)
     adapter_mb = {r: svc.cache.peek(a).nbytes / 1e6 for a, r in rank_of.items() if svc.cache.peek(a) is not None}
     out = {"shape": args.shape, "adapters": args.adapters, "ranks": ranks, "zipf": args.zipf,
            "max_loras": args.max_loras, "rate_req_s": rate, "single": single, "many": result,
