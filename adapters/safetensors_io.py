@@ -17,7 +17,8 @@ MAX_TENSORS = 100_000
 MAX_DIMS = 8
 FLOAT_ITEMSIZE = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
 TORCH_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
-MAX_REUSED_BYTES = 512 << 20  # larger files get a buffer of their own (a loader thread keeps at most this)
+MAX_REUSED_BYTES = 1 << 30  # larger files get a buffer of their own (a loader thread keeps at most this;
+# Llama-3-8B at r=64 on all 7 projections in fp32 is 672 MB)
 _scratch = threading.local()
 _INT_DTYPES = {"BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64"}
 

@@ -25,12 +25,13 @@ def world(tmp_path_factory):
     return peft_world(tmp_path_factory.mktemp("gpu-many"))
 
 
-def _engine(base, adapters, tmp, max_loras: int, max_seqs: int = 8):
+def _engine(base, adapters, tmp, max_loras: int, max_seqs: int = 8, pin: bool = True):
     cfg = ModelConfig.from_dir(base)
     sched = SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=512, max_model_len=256,
                             max_loras=max_loras, max_adapter_wait_steps=4)
     engine = build_engine(base, cfg, torch.float32, torch.device("cuda"), 256, 128, sched, [])
     svc = AdapterService(tmp, cfg.raw, torch.float32, max_loras, 32, 3)
+    svc.cache.pin = pin  # pageable: slot copies pass through the pinned staging buffers
     for name, path in adapters.items():
         svc.register_dir(name, path)
     attach_adapters(engine, svc, async_copies=True)
@@ -38,17 +39,21 @@ def _engine(base, adapters, tmp, max_loras: int, max_seqs: int = 8):
     return engine, svc
 
 
-def test_async_copy_equals_blocking_copy(world, tmp_path):
+@pytest.mark.parametrize("pin", [True, False])
+def test_async_copy_equals_blocking_copy(world, tmp_path, pin):
     base, adapters = world
-    engine, svc = _engine(base, adapters, tmp_path / "r", 4)
+    engine, svc = _engine(base, adapters, tmp_path / "r", 4, pin=pin)
     slots = svc.device_slots
     ad = svc.loader.get_blocking("all-r8", timeout=60)
+    assert ad.packed is not None and ad.packed.is_pinned == pin
     slots.start_load(0, ad)
     deadline = time.monotonic() + 10
     while not slots.ready(0):
         assert time.monotonic() < deadline, "copy never completed"
         time.sleep(0.001)
-    slots.load(1, ad)
+    assert (slots._staging.nbytes > 0) == (not pin)  # pageable adapters go through the staging buffers
+    slots._write(1, ad, None)  # blocking reference copy on this thread
+    torch.cuda.synchronize()
     for layer in engine.runner.model.layers:
         for attr in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
             st = getattr(layer, attr).lora
@@ -62,7 +67,8 @@ def test_async_copy_equals_blocking_copy(world, tmp_path):
     svc.close()
 
 
-def test_churn_with_async_copies_equals_all_resident(world, tmp_path):
+@pytest.mark.parametrize("pin", [True, False])
+def test_churn_with_async_copies_equals_all_resident(world, tmp_path, pin):
     base, adapters = world
     ids = {f"{n}-{k}": p for k in range(3) for n, p in adapters.items()}  # 18 ids, 2 slots
     rng = random.Random(0)
@@ -70,7 +76,7 @@ def test_churn_with_async_copies_equals_all_resident(world, tmp_path):
     prompts = [[rng.randrange(1, 300) for _ in range(rng.randint(4, 30))] for _ in names]
     ref_engine, _ = _engine(base, ids, tmp_path / "ref", 16, max_seqs=16)
     expected = run_all(ref_engine, prompts, GREEDY, adapters=names)
-    engine, svc = _engine(base, ids, tmp_path / "two", 2)
+    engine, svc = _engine(base, ids, tmp_path / "two", 2, pin=pin)
     assert run_all(engine, prompts, GREEDY, adapters=names) == expected
     assert svc.table.idle() and not svc._copying and not svc.device_slots.in_flight()
     assert engine.blocks.num_free == engine.blocks.num_blocks

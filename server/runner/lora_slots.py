@@ -10,6 +10,7 @@ import torch
 from loramux.kernels.lora import LoRAMeta, build_lora_meta
 from loramux.server.models.layers import LoRAStacks
 from loramux.server.models.llama import LORA_TARGETS
+from loramux.server.runner.pinned_staging import PinnedStaging
 
 _LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
@@ -58,9 +59,11 @@ class LoRASlots:
         self._inflight: dict[int, _Copy] = {}
         self._lock = threading.Lock()
         self._stream = self._pool = None
+        self._staging = None
         if self.async_copies:
             self._stream = torch.cuda.Stream(self.device)
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-copy")  # FIFO: copies in order
+            self._staging = PinnedStaging(2)  # pageable packed adapters pass through it (2: one copy overlaps)
         self.last_copy_seconds = 0.0  # device time of the last completed copy (CUDA) or its wall time (CPU)
 
     def slot_of(self, adapter_id: str) -> int:
@@ -104,11 +107,26 @@ class LoRASlots:
             self._inflight[slot] = copy
 
     def _issue(self, slot: int, copy: _Copy) -> None:
-        with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
-            self._stream.wait_event(copy.after)
-            copy.start.record(self._stream)
-            self._write(slot, copy.adapter, copy.keep)
-            copy.done.record(self._stream)
+        staged = packed = getattr(copy.adapter, "packed", None)
+        buf = None
+        if packed is not None and not packed.is_pinned and self._fits(packed) and self._staging is not None:
+            try:  # on the copy thread: one memcpy into a reused page-locked buffer, then async copies from it
+                buf = self._staging.acquire(packed.buffer.numel())
+                staged = packed.copied_to(buf.data)
+            except RuntimeError:  # page-locked memory exhausted: blocking copies from pageable memory still work
+                buf = None
+        try:
+            with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
+                self._stream.wait_event(copy.after)
+                copy.start.record(self._stream)
+                if buf is not None:
+                    self._write_packed(slot, staged, True)
+                else:
+                    self._write(slot, copy.adapter, copy.keep)
+                copy.done.record(self._stream)
+        finally:
+            if buf is not None:
+                self._staging.release(buf, copy.done)
 
     def ready(self, slot: int) -> bool:
         """True when no copy into `slot` is in flight (never blocks); raises if issuing the copy failed."""

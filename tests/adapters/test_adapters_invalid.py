@@ -233,3 +233,17 @@ def test_fuzzed_bytes_only_raise_adapter_error(valid_dir, llama_spec):
             pass
 
     run()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_all_finite_finds_every_nan_and_inf(dtype):
+    from loramux.adapters.validate import all_finite
+
+    g = torch.Generator().manual_seed(1)
+    big = torch.full((4, 1000), torch.finfo(dtype).max, dtype=dtype)  # finite, though any sum of it overflows
+    assert all_finite([torch.randn(3, 7, generator=g).to(dtype), big, torch.empty(0, 5, dtype=dtype)])
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for _ in range(5):
+            t = torch.randn(64, 129, generator=g).to(dtype)
+            t.view(-1)[int(torch.randint(t.numel(), (1,), generator=g))] = bad
+            assert not all_finite([torch.ones(3, dtype=dtype), t]), (bad, dtype)
