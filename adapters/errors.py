@@ -22,6 +22,9 @@ class AdapterError(Exception):
     def __str__(self) -> str:
         return self.message
 
+    def __reduce__(self):  # field and status survive pickling (errors of loads in worker processes)
+        return AdapterError, (self.message, self.field, self.status)
+
     def __repr__(self) -> str:
         return f"AdapterError({self.message!r}, field={self.field!r}, status={self.status})"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from .config import MAX_CONFIG_BYTES, LoraConfig, parse_lora_config
 from .errors import NOT_FOUND, AdapterError, unsupported
 from .safetensors_io import WEIGHTS_FILE, load_safetensors, parse_header, read_bytes, read_reusing
 from .spec import BaseModelSpec
-from .packed import PackedAdapter, pack
+from .packed import PackedAdapter, PackedViews, pack
 from .validate import all_finite, check_finite, check_structure
 
 CONFIG_FILE = "adapter_config.json"
@@ -26,7 +27,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 class LoadedAdapter:
     adapter_id: str | None
     config: LoraConfig
-    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]  # (layer, "q_proj") -> (A [r,in], B [out,r])
+    weights: Mapping[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]  # (layer, "q_proj") -> (A [r,in], B [out,r])
     scales: dict[tuple[int, str], float]
     max_rank: int
     nbytes: int
@@ -39,7 +40,10 @@ class LoadedAdapter:
             return self
         if self.packed is not None:
             packed = self.packed.pinned()
-            self.weights = {lm: packed.view(*lm, a.shape[0]) for lm, (a, _) in self.weights.items()}
+            if isinstance(self.weights, PackedViews):
+                self.weights = self.weights.over(packed)
+            else:
+                self.weights = {lm: packed.view(*lm, a.shape[0]) for lm, (a, _) in self.weights.items()}
             self.packed = packed
         else:
             self.pack(pin=True)
@@ -99,8 +103,7 @@ def build(config: LoraConfig, data: bytes | memoryview, spec: BaseModelSpec, dty
     if not all_finite([*packed.a.values(), *packed.b.values()]):
         check_finite(tensors, pairs, dtype)  # names the tensor; passes only if a finite sum overflowed
     phases["check"] += time.perf_counter() - t0
-    nbytes = sum(a.nbytes + b.nbytes for a, b in views.values())
-    max_rank = max(a.shape[0] for a, _ in views.values())
+    nbytes, max_rank = views.nbytes, max(views.ranks.values())
     return LoadedAdapter(adapter_id, config, views, scales, max_rank, nbytes, spec.num_layers, packed)
 
 

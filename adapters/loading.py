@@ -50,8 +50,14 @@ class AdapterLoader:
     """request() starts a background load (idempotent); poll() returns the adapter, its error, or None."""
 
     def __init__(self, registry: AdapterRegistry, spec: BaseModelSpec, dtype: torch.dtype,
-                 cpu_cache: CpuAdapterCache, max_workers: int = 2, error_ttl_s: float = 5.0):
+                 cpu_cache: CpuAdapterCache, max_workers: int = 2, error_ttl_s: float = 5.0, processes: int = 0):
         self.registry, self.spec, self.dtype, self.cache = registry, spec, dtype, cpu_cache
+        self.processes = None  # with processes > 0 the work of a load runs in worker processes (load_worker.py)
+        if processes > 0:
+            from .load_worker import ProcessLoads
+
+            self.processes = ProcessLoads(processes)
+            max_workers = max(max_workers, processes)  # one thread waits on each worker's load
         self.error_ttl_s = error_ttl_s
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="adapter-load")
         self._lock = threading.Lock()
@@ -60,7 +66,8 @@ class AdapterLoader:
         self._gen: dict[str, int] = {}  # bumped by invalidate() so stale in-flight results are dropped
         self.latency = Histogram()  # seconds per successful disk -> CPU load (read + validate + pin)
         self.loads = 0  # successful disk -> CPU loads
-        self.phase_seconds = Counter()  # seconds summed over loads: read, decode, alloc (pinning), pack, check
+        self.phase_seconds = Counter()  # seconds summed over loads: read, decode, alloc (pinning), pack, check;
+        # with worker processes also write (worker -> file) and transfer (file -> this process)
 
     def _load(self, adapter_id: str, gen: int) -> LoadedAdapter:
         path = self.registry.path_of(adapter_id)
@@ -68,8 +75,11 @@ class AdapterLoader:
             raise AdapterError(f"adapter {adapter_id!r} does not exist", "model", NOT_FOUND)
         t0, phases = time.perf_counter(), Counter()
         try:
-            adapter = load_adapter(path, self.spec, self.dtype, adapter_id=adapter_id, pin=self.cache.pin,
-                                   phases=phases)
+            if self.processes is not None:
+                adapter = self.processes.load(path, self.spec, self.dtype, adapter_id, self.cache.pin, phases)
+            else:
+                adapter = load_adapter(path, self.spec, self.dtype, adapter_id=adapter_id, pin=self.cache.pin,
+                                       phases=phases)
         except AdapterError:
             raise
         except Exception as exc:  # I/O or decoding trouble: report it, never kill the worker
@@ -175,3 +185,5 @@ class AdapterLoader:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        if self.processes is not None:
+            self.processes.close()

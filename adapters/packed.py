@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +54,42 @@ class PackedAdapter:
         return _views(self.num_layers, buf, self.layout)
 
 
+class PackedViews(Mapping):
+    """(layer, module) -> (A [r, in], B [out, r]) views into a PackedAdapter, each made on first access: making
+    all ~450 pairs up front is ~1,000 tensor calls, each a chance to wait for a busy engine thread's GIL."""
+
+    def __init__(self, packed: PackedAdapter, ranks: dict[tuple[int, str], int]):
+        self.packed, self.ranks = packed, ranks
+        self._made: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __getitem__(self, key):
+        hit = self._made.get(key)
+        if hit is None:
+            hit = self._made[key] = self.packed.view(*key, self.ranks[key])
+        return hit
+
+    def __iter__(self):
+        return iter(self.ranks)
+
+    def __len__(self) -> int:
+        return len(self.ranks)
+
+    def over(self, packed: PackedAdapter) -> "PackedViews":
+        """The same views over another copy of the packed adapter."""
+        return PackedViews(packed, self.ranks)
+
+    @property
+    def nbytes(self) -> int:
+        esz = next(iter(self.packed.a.values())).element_size() if self.packed.a else 0
+        return sum(r * (self.packed.a[m].shape[2] + self.packed.b[m].shape[1]) * esz
+                   for (_, m), r in self.ranks.items())
+
+
+def from_buffer(num_layers: int, buffer: torch.Tensor, layout: tuple) -> PackedAdapter:
+    """A packed adapter over a buffer that holds one (e.g. read back from a file a worker process wrote)."""
+    return _views(num_layers, buffer, layout)
+
+
 def _views(num_layers: int, buffer: torch.Tensor, layout: tuple) -> PackedAdapter:
     parts: dict[str, dict[str, torch.Tensor]] = {"a": {}, "b": {}, "ranks": {}, "scales": {}}
     for kind, name, off, dtype, shape in layout:
@@ -83,7 +120,7 @@ def _plan(weights: Weights, num_layers: int, dtype: torch.dtype) -> tuple[tuple,
 
 
 def pack(weights: Weights, scales: dict[tuple[int, str], float], num_layers: int, dtype: torch.dtype,
-         pin: bool = False, phases: Counter | None = None) -> tuple[PackedAdapter, Weights]:
+         pin: bool = False, phases: Counter | None = None) -> tuple[PackedAdapter, "PackedViews"]:
     """-> (packed adapter, the same weights as views into it, cast to dtype). Layers >= num_layers are refused.
     phases: seconds spent allocating ("alloc", page-locking when pin) and filling ("pack") are added to it."""
     if any(layer >= num_layers or layer < 0 for layer, _ in weights):
@@ -102,7 +139,7 @@ def pack(weights: Weights, scales: dict[tuple[int, str], float], num_layers: int
             if r < r_m:
                 a_m[layer, r:].zero_()
                 b_m[layer, :, r:].zero_()
-    views: Weights = {}
+    rank_of: dict[tuple[int, str], int] = {}
     for m, a_m in p.a.items():
         rows = [weights.get((layer, m)) for layer in range(num_layers)]
         if all(ab is not None and ab[0].shape[0] == a_m.shape[1] for ab in rows):  # usual case: one call each
@@ -119,7 +156,7 @@ def pack(weights: Weights, scales: dict[tuple[int, str], float], num_layers: int
     scale_rows = {g: [[0.0] * len(mods) for _ in range(num_layers)] for g, mods in GROUPS}
     for (layer, m), (a, b) in weights.items():
         r = a.shape[0]
-        views[(layer, m)] = p.view(layer, m, r)
+        rank_of[(layer, m)] = r
         g, i = slice_of[m]
         ranks[g][layer][i] = r
         scale_rows[g][layer][i] = float(scales[(layer, m)])
@@ -129,4 +166,4 @@ def pack(weights: Weights, scales: dict[tuple[int, str], float], num_layers: int
     if phases is not None:
         phases["alloc"] += t1 - t0
         phases["pack"] += time.perf_counter() - t1
-    return p, views
+    return p, PackedViews(p, rank_of)

@@ -27,14 +27,18 @@ class AdapterService(SlotGate):
     Callers are (tenant, admin): tenant None is the open single-tenant mode (public namespace)."""
 
     def __init__(self, root: Path, model_config: dict, dtype: torch.dtype, max_loras: int, max_lora_rank: int,
-                 max_cpu_loras: int, max_adapter_bytes: int = 4 << 30, max_cpu_bytes: int | None = None):
+                 max_cpu_loras: int, max_adapter_bytes: int = 4 << 30, max_cpu_bytes: int | None = None,
+                 load_processes: int = 0, pin_cache: bool = False):
         self.dtype = dtype
         self.spec = BaseModelSpec.from_hf_config(model_config, max_lora_rank, str(dtype).replace("torch.", ""))
         Path(root).mkdir(parents=True, exist_ok=True)
         self.store = AdapterStore(Path(root), max_adapter_bytes)
         self.registry = self.store.public  # the public namespace (startup and demo adapters)
-        self.cache = CpuAdapterCache(max_cpu_loras, max_cpu_bytes)
-        self.loader = AdapterLoader(self.store, self.spec, dtype, self.cache)  # loads by key via store.path_of
+        # pageable by default: page-locking each adapter cost more than loading it on the H100 host; GPU uploads
+        # pass through reused pinned staging buffers instead (runner/pinned_staging.py)
+        self.cache = CpuAdapterCache(max_cpu_loras, max_cpu_bytes, pin=pin_cache and torch.cuda.is_available())
+        self.loader = AdapterLoader(self.store, self.spec, dtype, self.cache,  # loads by key via store.path_of
+                                    processes=load_processes)
         self.table = SlotTable(max_loras)
         self.device_slots = None  # runner.lora_slots.LoRASlots, attached once the model exists
         self._init_gate()

@@ -69,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sync-adapter-copies", action="store_true", default=_bool_env("sync-adapter-copies"),
                    help="copy adapters into GPU slots synchronously on the engine thread instead of on a side CUDA "
                         "stream overlapped with decoding [env LORAMUX_SYNC_ADAPTER_COPIES]")
+    _flag(s, "adapter-load-processes", "worker processes that load adapters from disk (off the server's GIL); "
+          "-1 = 2 on CUDA, 0 (threads) on CPU", -1, int)
+    s.add_argument("--pin-adapter-cache", action="store_true", default=_bool_env("pin-adapter-cache"),
+                   help="page-lock adapters held in CPU memory (faster GPU uploads, but pinning each load is slow "
+                        "on some hosts) [env LORAMUX_PIN_ADAPTER_CACHE]")
     s.add_argument("--no-demo-adapters", action="store_true", default=_bool_env("no-demo-adapters"),
                    help="do not register the demo adapters with the embedded model [env LORAMUX_NO_DEMO_ADAPTERS]")
     _flag(s, "log-level", "debug, info, warning, error", "info")
@@ -116,6 +121,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         kernel_backend=args.kernel_backend, tensor_parallel_size=args.tensor_parallel_size,
         enforce_eager=args.enforce_eager,
         sync_adapter_copies=args.sync_adapter_copies, demo_adapters=not args.no_demo_adapters,
+        adapter_load_processes=args.adapter_load_processes, pin_adapter_cache=args.pin_adapter_cache,
         log_level=args.log_level, api_keys=args.api_keys, public_metrics=args.public_metrics, max_n=args.max_n,
         max_logprobs=args.max_logprobs, max_stop=args.max_stop, max_stop_length=args.max_stop_length,
         max_body_bytes=args.max_body_bytes, max_header_bytes=args.max_header_bytes,

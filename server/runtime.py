@@ -42,6 +42,13 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
+def resolve_load_processes(n: int, device: torch.device) -> int:
+    """-1 (auto) -> 2 worker processes on CUDA (loads would contend for the engine thread's GIL), 0 on CPU."""
+    if n < -1:
+        raise ModelLoadError("--adapter-load-processes must be -1 (auto), 0 (threads) or a positive count")
+    return (2 if device.type == "cuda" else 0) if n == -1 else n
+
+
 def lora_slot_bytes(m: ModelConfig, slots: int, max_rank: int, dtype: torch.dtype) -> int:
     """Device bytes of the stacked LoRA buffers (A [S, L*R, K] + B [S, N, R] per packed linear and layer)."""
     h, i, q, kv = m.hidden_size, m.intermediate_size, m.q_size, m.kv_size
@@ -169,7 +176,10 @@ class Runtime:
             raise ModelLoadError("--max-adapter-wait-steps and --max-cpu-lora-bytes must not be negative")
         self.adapters = AdapterService(config.resolved_adapter_dir, mcfg.raw, self.dtype, config.max_loras,
                                        config.max_lora_rank, config.max_cpu_loras, config.max_adapter_bytes,
-                                       config.max_cpu_lora_bytes or None)
+                                       config.max_cpu_lora_bytes or None,
+                                       load_processes=resolve_load_processes(config.adapter_load_processes,
+                                                                             self.device),
+                                       pin_cache=config.pin_adapter_cache)
         attach_adapters(self.engine, self.adapters, not config.sync_adapter_copies and self.device.type == "cuda")
         log.info("adapters: %d GPU slots of rank <= %d (%.1f MiB), registry %s", config.max_loras,
                  config.max_lora_rank, self.adapters.device_slots.nbytes / 2**20, config.resolved_adapter_dir)

@@ -49,7 +49,8 @@ def make_service(args, cfg, tmp: Path, ids: list[str], rank_of: dict) -> Adapter
     for r in sorted(set(rank_of.values())):
         folders[r] = write_random_adapter(tmp / f"rank{r}", cfg.raw, r, 2.0 * r, list(MODULES), seed=r)
     svc = AdapterService(tmp / "registry", cfg.raw, model_dtype(args), args.max_loras, max(rank_of.values()),
-                         args.max_cpu_loras, max_cpu_bytes=args.max_cpu_lora_bytes or None)
+                         args.max_cpu_loras, max_cpu_bytes=args.max_cpu_lora_bytes or None,
+                         load_processes=args.load_processes)
     svc.store.path_of = lambda key: folders.get(rank_of.get(key))  # the loader reads through this
     svc.cache.pin = args.cpu_cache == "pinned" and torch.cuda.is_available()
     return svc
@@ -187,7 +188,9 @@ def main(argv=None) -> dict:
     p.add_argument("--saturation-seconds", type=float, default=20.0, help="length of each closed-loop run")
     p.add_argument("--sync-adapter-copies", action="store_true", help="CPU -> GPU slot copies on the engine thread")
     p.add_argument("--enforce-eager", action="store_true")
-    p.add_argument("--cpu-cache", choices=("pinned", "pageable"), default="pinned",
+    p.add_argument("--load-processes", type=int, default=2 if torch.cuda.is_available() else 0,
+                   help="disk loads in worker processes (0: threads of this process)")
+    p.add_argument("--cpu-cache", choices=("pinned", "pageable"), default="pageable",
                    help="page-locked CPU cache, or pageable with uploads staged through pinned buffers")
     p.add_argument("--closed-loop-only", action="store_true", help="stop after the two closed-loop runs")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu: smoke runs only")
