@@ -160,12 +160,14 @@ def lora_expand(y, buf, b_stack, ranks, scales, slice_offsets, meta, backend="au
 
 
 def add_lora(y, x, a_stack, b_stack, ranks, scales, slice_offsets, meta, backend="auto", *,
-             split_k: int | None = None) -> None:
+             split_k: int | None = None, fused: bool | None = None) -> None:
     """In place, for every token t with s = token_slots[t] >= 0 and every slice i:
     y[t, off_i:off_i+1] += scales[s, i] * (x[t] @ a_stack[s, i*R : i*R+ranks[s, i]].T)
                            @ b_stack[s, off_i:off_i+1, :ranks[s, i]].T
-    One shrink and one expand launch (Triton); padding beyond each rank is never read. split_k (Triton only)
-    overrides the split-K heuristic; partial sums are reduced in a fixed order (deterministic, no atomics)."""
+    Triton: one fused launch for decode-sized T, else one shrink and one expand launch; padding beyond each rank
+    is never read. fused (Triton only): True / False forces the fused / two-launch path, None = heuristic.
+    split_k (Triton, two-launch path only) overrides the split-K heuristic; partial sums are reduced in a fixed
+    order (deterministic, no atomics)."""
     L, R = _check(x, a_stack, ranks, meta)
     _check_expand(y, b_stack, ranks, scales, tuple(slice_offsets), R)
     if y.shape[0] != x.shape[0]:
@@ -175,4 +177,4 @@ def add_lora(y, x, a_stack, b_stack, ranks, scales, slice_offsets, meta, backend
         _ref.add_lora(y, x, a_stack, b_stack, ranks, scales, tuple(slice_offsets), meta)
         return
     x, a_stack, b_stack = _tri_layout(x, y, a_stack, b_stack)
-    _tri().add_lora(y, x, a_stack, b_stack, ranks, scales, tuple(slice_offsets), meta, split_k)
+    _tri().add_lora(y, x, a_stack, b_stack, ranks, scales, tuple(slice_offsets), meta, split_k, fused)

@@ -1,4 +1,5 @@
-"""Triton multi-LoRA kernels: segmented (sorted-by-slot) shrink and expand, multi-slice, rank-masked, no atomics."""
+"""Triton multi-LoRA kernels: segmented (sorted-by-slot) shrink and expand, multi-slice, rank-masked, no atomics.
+add_lora dispatches decode-sized T to the single-launch kernel of lora_fused_triton.py."""
 from __future__ import annotations
 
 from functools import lru_cache
@@ -32,6 +33,27 @@ def _segment_tile(pid, seg_start_ptr, S, S_POW2: tl.constexpr, BLOCK_M: tl.const
     seg_lo = tl.sum(tl.where(sel, lo, 0), 0)
     seg_hi = tl.sum(tl.where(sel, hi, 0), 0)
     return slot, seg_lo + (pid - first) * BLOCK_M, seg_hi
+
+
+@triton.jit
+def _slice_chunk(pid, OFF1, OFF2, OFF3, N, CH):
+    """Column chunk `pid` -> (slice, first column, slice end). Chunks of CH columns never straddle a slice
+    boundary: slice i (columns OFFi..OFFi+1, OFF0 = 0, OFF4 = N; unused slices empty) has cdiv(width, CH)."""
+    c1 = (OFF1 + CH - 1) // CH
+    c2 = c1 + (OFF2 - OFF1 + CH - 1) // CH
+    c3 = c2 + (OFF3 - OFF2 + CH - 1) // CH
+    sl = (pid >= c1).to(tl.int32) + (pid >= c2).to(tl.int32) + (pid >= c3).to(tl.int32)
+    c_lo = tl.where(sl == 0, 0, tl.where(sl == 1, c1, tl.where(sl == 2, c2, c3)))
+    n_lo = tl.where(sl == 0, 0, tl.where(sl == 1, OFF1, tl.where(sl == 2, OFF2, OFF3)))
+    n_hi = tl.where(sl == 0, OFF1, tl.where(sl == 1, OFF2, tl.where(sl == 2, OFF3, N)))
+    return sl, n_lo + (pid - c_lo) * CH, n_hi
+
+
+def slice_chunks(slice_offsets, ch: int) -> tuple[list[int], int]:
+    """Host side of _slice_chunk: -> (OFF1..OFF3, number of chunks) for slice_offsets (0, ..., N)."""
+    N = slice_offsets[-1]
+    offs = list(slice_offsets[1:-1]) + [N] * (5 - len(slice_offsets))
+    return offs, sum(cdiv(hi - lo, ch) for lo, hi in zip([0] + offs, offs + [N]))
 
 
 @triton.jit
@@ -83,14 +105,7 @@ def _expand_kernel(buf_ptr, b_ptr, y_ptr, ranks_ptr, scales_ptr, sorted_ptr, seg
     # y[t, n] += scale[s, i] * sum_{j < rank[s, i]} (sum_p buf[p, t, i*R + j]) * b[s, n, j],  n in slice i
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)  # chunk of N_ITERS * BLOCK_N columns inside one slice (slices 0..3 in order)
-    CH = BLOCK_N * N_ITERS
-    c1 = (OFF1 + CH - 1) // CH
-    c2 = c1 + (OFF2 - OFF1 + CH - 1) // CH
-    c3 = c2 + (OFF3 - OFF2 + CH - 1) // CH
-    sl = (pid_n >= c1).to(tl.int32) + (pid_n >= c2).to(tl.int32) + (pid_n >= c3).to(tl.int32)
-    c_lo = tl.where(sl == 0, 0, tl.where(sl == 1, c1, tl.where(sl == 2, c2, c3)))
-    n_lo = tl.where(sl == 0, 0, tl.where(sl == 1, OFF1, tl.where(sl == 2, OFF2, OFF3)))
-    n_hi = tl.where(sl == 0, OFF1, tl.where(sl == 1, OFF2, tl.where(sl == 2, OFF3, N)))
+    sl, n0, n_hi = _slice_chunk(pid_n, OFF1, OFF2, OFF3, N, BLOCK_N * N_ITERS)
     slot, row0, seg_hi = _segment_tile(pid_m, seg_start_ptr, S, S_POW2, BLOCK_M)
     if slot >= S:
         return
@@ -103,7 +118,6 @@ def _expand_kernel(buf_ptr, b_ptr, y_ptr, ranks_ptr, scales_ptr, sorted_ptr, seg
     tok = tl.load(sorted_ptr + rows, mask=row_ok, other=0).to(tl.int64)  # [BM]
     h_rows = buf_ptr + tok[:, None] * (L * R) + sl * R  # [BM, 1]
     b_base = b_ptr + slot.to(tl.int64) * N * R
-    n0 = n_lo + (pid_n - c_lo) * CH
     if R_TILES == 1:  # whole rank in one tile: h loaded once per program
         rr = tl.arange(0, BLOCK_R)
         r_ok = rr < rank
@@ -176,8 +190,11 @@ def shrink_plan(T: int, K: int, L: int, R: int, device: torch.device, split_k: i
 
 
 def launch_key(T: int, K: int, L: int, R: int, device: torch.device) -> tuple:
-    """Everything of add_lora's two launches that Triton compiles for, as a function of T (the other inputs are
-    fixed by the model): the constexprs of both plans plus T's own integer specialization (== 1, % 16)."""
+    """Everything of add_lora's launches (heuristic path) that Triton compiles for, as a function of T (the other
+    inputs are fixed by the model). Two-launch path: the constexprs of both plans plus T's own integer
+    specialization (== 1, % 16). Fused path: its constexprs only (T is not a kernel argument there)."""
+    if _fused.use_fused(T, K, R):
+        return (None, None, tuple(sorted(_fused.fused_plan(T, K, R).items())), "fused")
     plan = shrink_plan(T, K, L, R, device)
     return (T == 1, T % 16 == 0, tuple(sorted(plan.items())), 2 if T <= 256 else 4)
 
@@ -206,9 +223,7 @@ def expand(y, buf, b_stack, ranks, scales, slice_offsets, meta, n_iters: int | N
         return
     bm, bn, br = _block_m(T), 128, min(64, _pow2(R))
     n_iters = n_iters or (2 if T <= 256 else 4)  # column tiles per program (H100 sweep: 2 decode, 4 prefill)
-    offs = list(slice_offsets[1:-1]) + [N] * (4 - L)  # OFF1..OFF3; unused slices are empty
-    ch = bn * n_iters
-    chunks = sum(cdiv(hi - lo, ch) for lo, hi in zip([0] + offs, offs + [N]))
+    offs, chunks = slice_chunks(slice_offsets, bn * n_iters)  # OFF1..OFF3 (unused slices empty), chunk count
     grid = (cdiv(T, bm) + min(S, T), chunks)
     _expand_kernel[grid](
         buf, b_stack, y, ranks, scales, meta.sorted_tokens, meta.seg_start, T, N, R, S, *offs, y.stride(0),
@@ -216,11 +231,22 @@ def expand(y, buf, b_stack, ranks, scales, slice_offsets, meta, n_iters: int | N
         R_TILES=cdiv(R, br), N_ITERS=n_iters, EXACT=y.dtype == torch.float32, num_warps=4, num_stages=2)
 
 
-def add_lora(y, x, a_stack, b_stack, ranks, scales, slice_offsets, meta, split_k: int | None = None) -> None:
+def add_lora(y, x, a_stack, b_stack, ranks, scales, slice_offsets, meta, split_k: int | None = None,
+             fused: bool | None = None) -> None:
+    """fused: True = one fused launch (lora_fused_triton), False = shrink + expand, None = heuristic (fused for
+    decode-sized T, see lora_fused_triton.use_fused; never when split_k is given)."""
     T, K = x.shape
     L = ranks.shape[1]
     R = a_stack.shape[1] // L
+    if fused and split_k is not None:
+        raise ValueError("split_k applies to the two-launch path only (fused=True given)")
+    if fused or (fused is None and split_k is None and _fused.use_fused(T, K, R)):
+        _fused.fused_add_lora(y, x, a_stack, b_stack, ranks, scales, slice_offsets, meta)
+        return
     plan = shrink_plan(T, K, L, R, x.device, split_k)
     buf = torch.empty(plan["parts"], T, L * R, dtype=torch.float32, device=x.device)  # only real-rank cells used
     shrink(x, a_stack, ranks, meta, buf, plan)
     expand(y, buf, b_stack, ranks, scales, slice_offsets, meta)
+
+
+from . import lora_fused_triton as _fused  # noqa: E402  (at the end: it imports this module's jit helpers)

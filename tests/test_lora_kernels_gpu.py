@@ -171,3 +171,84 @@ def test_cuda_graph_capture_matches_eager(T):
             eager = run_add(c)
             assert torch.equal(ys[k], eager), f"graph replay differs from eager ({k})"
             check_y(ys[k], c, ref_add(c))
+
+
+# Fused single-launch kernel (kernels/lora_fused_triton.py), forced on with fused=True; decode sizes.
+DECODE = [(1, 1), (32, 1), (32, 8), (64, 1), (64, 8)]  # (T, D distinct adapters)
+
+
+def decode_slots(T, D, seed):
+    """T tokens over D distinct random slots; token 0 without adapter when T > 1."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    adapters = torch.randperm(S, generator=g, device="cuda")[:D]
+    slots = adapters[torch.randint(D, (T,), generator=g, device="cuda")].to(torch.int32)
+    if T > 1:
+        slots[0] = -1
+    return slots
+
+
+def run_path(c, fused):
+    y = c["y0"].clone()
+    add_lora(y, c["x"], c["A"], c["B"], c["ranks"], c["scales"], c["offs"], build_lora_meta(c["slots"], S),
+             backend="triton", fused=fused)
+    return y
+
+
+@pytest.mark.parametrize("T,D", DECODE)
+@pytest.mark.parametrize("group", list(GROUPS))
+def test_fused_real_shapes(group, T, D):
+    from loramux.kernels.lora_fused_triton import use_fused
+
+    c = make(T, group, torch.bfloat16, seed=300 + T + D, slots=decode_slots(T, D, seed=T * 10 + D))
+    y = run_path(c, True)
+    check_y(y, c, ref_add(c))
+    y2 = run_path(c, False)  # two-launch path: same up to fp32 summation order (<= 2 bf16 ulps)
+    r = 2 * torch.finfo(torch.bfloat16).eps
+    torch.testing.assert_close(y.float(), y2.float(), rtol=r, atol=r * y2.float().abs().max().item())
+    assert torch.equal(y, run_path(c, True)), "fused path not run-to-run deterministic"
+    K = GROUPS[group][0]
+    if use_fused(T, K, R):  # the heuristic picks this kernel
+        assert torch.equal(y, run_path(c, None))
+
+
+@pytest.mark.parametrize("r_max,choices", [(16, (0, 3, 16)), (128, (0, 1, 65, 128)), (256, (0, 17, 200, 256))])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_fused_ranks_and_dtypes(dtype, r_max, choices):
+    c = make(64, "qkv", dtype, seed=r_max, r_max=r_max, rank_choices=choices, slots=decode_slots(64, 8, seed=1))
+    check_y(run_path(c, True), c, ref_add(c))
+
+
+@pytest.mark.parametrize("T", [1, 32, 64])
+def test_fused_cuda_graph_capture_matches_eager(T):
+    """add_lora forced fused on all four groups of a layer, captured once, replayed with new slots == eager."""
+    cases = {gname: make(T, gname, torch.bfloat16, seed=70 + i) for i, gname in enumerate(GROUPS)}
+    static_slots = torch.full((T,), -1, dtype=torch.int32, device="cuda")
+    meta = LoRAMeta.empty(64, S, "cuda")
+    ys = {k: torch.empty_like(c["y0"]) for k, c in cases.items()}
+
+    def step():
+        build_lora_meta(static_slots, S, out=meta)
+        for k, c in cases.items():
+            add_lora(ys[k], c["x"], c["A"], c["B"], c["ranks"], c["scales"], c["offs"], meta, backend="triton",
+                     fused=True)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compiles outside capture
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for D in (1, 8):
+        slots = decode_slots(T, D, seed=D)
+        static_slots.copy_(slots)
+        for k, c in cases.items():
+            ys[k].copy_(c["y0"])
+        graph.replay()
+        torch.cuda.synchronize()
+        for k, c in cases.items():
+            c = dict(c, slots=slots)
+            assert torch.equal(ys[k], run_path(c, True)), f"graph replay differs from eager ({k}, D={D})"
+            check_y(ys[k], c, ref_add(c))

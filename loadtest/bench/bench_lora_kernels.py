@@ -8,6 +8,7 @@ import sys
 import torch
 
 from loramux.loadtest.bench.gpu_timing import copy_bandwidth, cuda_time_us
+from loramux.kernels import lora_fused_triton as fused_k
 from loramux.kernels import lora_triton as tri
 from loramux.kernels.lora import add_lora, build_lora_meta
 
@@ -46,7 +47,9 @@ def gather_bmm(grp, x, y, slots):
 
 
 def run_case(layer, T: int, D: int, S: int, r: int, dtype, iters: int, copy_bps: float,
-             torch_ref: bool = True) -> dict:
+             torch_ref: bool = True, fused: bool | None = None, fused_col: bool = False) -> dict:
+    """fused: add_lora's path for the triton columns (None = heuristic); fused_col: also time the fused path
+    forced on (T <= FUSED_MAX_T) from a CUDA graph -> fused_graph_us."""
     g = torch.Generator(device="cuda").manual_seed(T * 1000 + D)
     slots = (torch.arange(T, device="cuda") % D)[torch.randperm(T, generator=g, device="cuda")].to(torch.int32)
     xs = [torch.randn(T, grp["K"], generator=g, device="cuda").to(dtype) for grp in layer]
@@ -56,18 +59,26 @@ def run_case(layer, T: int, D: int, S: int, r: int, dtype, iters: int, copy_bps:
     nbytes = sum(T * grp["K"] * esz + 2 * T * grp["N"] * esz + D * (grp["L"] * r * grp["K"] + grp["N"] * r) * esz
                  for grp in layer)
 
-    def layer_fn(backend):
+    def layer_fn(backend, path=fused):
         def f():
             for grp, x, y in zip(layer, xs, ys):
-                add_lora(y, x, grp["a"], grp["b"], grp["ranks"], grp["scales"], grp["offs"], meta, backend=backend)
+                add_lora(y, x, grp["a"], grp["b"], grp["ranks"], grp["scales"], grp["offs"], meta, backend=backend,
+                         fused=path)
         return f
+
+    def graph_us(fn):  # fn already ran eagerly (compiled)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return cuda_time_us(graph.replay, iters)
 
     tri = layer_fn("triton")
     t_eager = cuda_time_us(tri, iters)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        tri()
-    t_graph = cuda_time_us(graph.replay, iters)
+    t_graph = graph_us(tri)
+    t_fused = None
+    if fused_col and T <= fused_k.FUSED_MAX_T:
+        layer_fn("triton", True)()
+        t_fused = graph_us(layer_fn("triton", True))
     t_torch = cuda_time_us(layer_fn("torch"), max(3, iters // 10)) if torch_ref else None
     t_bmm = None
     if T <= 256:
@@ -77,7 +88,7 @@ def run_case(layer, T: int, D: int, S: int, r: int, dtype, iters: int, copy_bps:
     floor = nbytes / copy_bps * 1e6
     meta_us = cuda_time_us(lambda: build_lora_meta(slots, S, out=meta), iters)
     return dict(T=T, D=D, r=r, bytes=nbytes, floor_us=floor, triton_graph_us=t_graph, triton_eager_us=t_eager,
-                torch_ref_us=t_torch, gather_bmm_us=t_bmm, meta_us=meta_us,
+                fused_graph_us=t_fused, torch_ref_us=t_torch, gather_bmm_us=t_bmm, meta_us=meta_us,
                 triton_gbps=nbytes / (t_graph * 1e-6) / 1e9)
 
 
@@ -109,8 +120,15 @@ def breakdown(layer, T: int, D: int, S: int, r: int, dtype, copy_bps: float, swe
         eb = D * N * r * esz + 2 * T * N * esz + plan["parts"] * T * L * r * 4
         ts = graph_time_us(lambda: tri.shrink(x, grp["a"], grp["ranks"], meta, buf, plan))
         te = graph_time_us(lambda: tri.expand(y, buf, grp["b"], grp["ranks"], grp["scales"], grp["offs"], meta))
+        fb = T * K * esz + D * (L * r * K + N * r) * esz + 2 * T * N * esz
+
+        def fused_us(chunk=None):
+            return graph_time_us(lambda: fused_k.fused_add_lora(y, x, grp["a"], grp["b"], grp["ranks"], grp["scales"],
+                                                                grp["offs"], meta, chunk))
+        small = T <= fused_k.FUSED_MAX_T
         line = (f"| {T} | {D} | {grp['name']} | {plan['parts']} | {ts:.1f} | {sb / copy_bps * 1e6:.1f} | "
-                f"{te:.1f} | {eb / copy_bps * 1e6:.1f} |")
+                f"{te:.1f} | {eb / copy_bps * 1e6:.1f} | " + (f"{fused_us():.1f}" if small else "-") +
+                f" | {fb / copy_bps * 1e6:.1f} |")
         if sweep:
             alt = []
             for sk in (1, 2, 4, 8, 16):
@@ -122,15 +140,19 @@ def breakdown(layer, T: int, D: int, S: int, r: int, dtype, copy_bps: float, swe
                 t = graph_time_us(lambda: tri.expand(y, buf, grp["b"], grp["ranks"], grp["scales"], grp["offs"], meta,
                                                      n_iters=ni))
                 alt.append(f"nit{ni}={t:.1f}")
+            for ch in ((256, 1024, 2048) if small else ()):  # fused columns per program (default FUSED_CHUNK)
+                alt.append(f"fused_ch{ch}={fused_us(ch):.1f}")
             line += " " + " ".join(alt) + " |"
         out.append(line)
     return out
 
 
 def run_grid(args, dtype, copy_bps: float) -> int:
-    """Issue 4's grid: time, byte floor and ratio, gather+bmm beside it (T <= 256), per rank; 64 slots."""
-    print("| r | T | D | MB moved | floor us | triton graph us | x floor | triton eager us | gather+bmm us | bmm / graph |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    """Issue 4's grid: time, byte floor and ratio, gather+bmm beside it (T <= 256), per rank; 64 slots. Two-launch
+    = shrink + expand forced (fused=False); fused = the single-launch kernel forced (T <= FUSED_MAX_T)."""
+    print("| r | T | D | MB moved | floor us | two-launch graph us | x floor | fused graph us | x floor | "
+          "two-launch eager us | gather+bmm us | bmm / graph |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for r in (int(v) for v in args.ranks.split(",")):
         layer = build_layer(64, r, dtype)
@@ -138,12 +160,14 @@ def run_grid(args, dtype, copy_bps: float) -> int:
             if D > T:
                 continue
             w = run_case(layer, T, D, 64, r, dtype, args.iters if T <= 256 else max(20, args.iters // 10), copy_bps,
-                         torch_ref=False)
+                         torch_ref=False, fused=False, fused_col=True)
             rows.append(w)
-            bmm, graph_us = w["gather_bmm_us"], w["triton_graph_us"]
+            bmm, graph_us, fu = w["gather_bmm_us"], w["triton_graph_us"], w["fused_graph_us"]
             bmm_cols = "- | -" if bmm is None else f"{bmm:.1f} | {bmm / graph_us:.1f}x"
+            fused_cols = "- | -" if fu is None else f"{fu:.1f} | {fu / w['floor_us']:.2f}"
             print(f"| {r} | {T} | {D} | {w['bytes'] / 1e6:.1f} | {w['floor_us']:.1f} | {graph_us:.1f} | "
-                  f"{graph_us / w['floor_us']:.2f} | {w['triton_eager_us']:.1f} | {bmm_cols} |", flush=True)
+                  f"{graph_us / w['floor_us']:.2f} | {fused_cols} | {w['triton_eager_us']:.1f} | {bmm_cols} |",
+                  flush=True)
         del layer
         torch.cuda.empty_cache()
     if args.json:
@@ -195,9 +219,9 @@ def main(argv=None) -> int:
               f"{bmm} | {w['torch_ref_us'] / w['triton_graph_us']:.1f}x | {bmm_x} | {w['meta_us']:.1f} |")
     if args.breakdown:
         print("\nper group, device time from CUDA graphs (us); floor = that kernel's bytes / copy bandwidth")
-        print("| T | D | group | split-K parts | shrink us | shrink floor | expand us | expand floor |"
-              + (" sweep (us) |" if args.sweep else ""))
-        print("|---|---|---|---|---|---|---|---|" + ("---|" if args.sweep else ""))
+        print("| T | D | group | split-K parts | shrink us | shrink floor | expand us | expand floor | fused us | "
+              "fused floor |" + (" sweep (us) |" if args.sweep else ""))
+        print("|---|---|---|---|---|---|---|---|---|---|" + ("---|" if args.sweep else ""))
         for T, D in BREAKDOWN:
             for line in breakdown(layer, T, D, args.slots, args.rank, dtype, copy_bps, args.sweep and (T, D) in SWEEP):
                 print(line)
