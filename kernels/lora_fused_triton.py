@@ -27,6 +27,8 @@ ranks int32 [S, L], scales fp32 [S, L].
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -34,7 +36,12 @@ import triton.language as tl
 from .backend import cdiv
 from .lora_triton import _block_m, _dot_f32, _pow2, _segment_tile, _slice_chunk, slice_chunks
 
-FUSED_MAX_T = 64  # add_lora's heuristic: fused for T <= this (decode / small mixed steps) ...
+# Off by default: on the H100 (Llama-3-8B layer, CUDA graphs) this kernel took 1.5-2.7x the two-launch time at
+# every decode shape measured (e.g. r=16, T=32, D=8: 98 vs 48 us per layer; docs/performance.md): one program
+# streams its A slice over the full K alone, which costs more than the launch it saves. LORAMUX_FUSED_LORA=1
+# turns the heuristic on for experiments; add_lora(fused=True) forces it.
+ENABLED = os.environ.get("LORAMUX_FUSED_LORA", "") == "1"
+FUSED_MAX_T = 64  # add_lora's heuristic (when ENABLED): fused for T <= this (decode / small mixed steps) ...
 FUSED_MAX_RK = 64 * 4096  # ... and R * K <= this: the A elements one program streams alone (512 KB in bf16)
 FUSED_MAX_R = 256  # at most 4 rank tiles of 64 (h0..h3 below)
 FUSED_CHUNK = 512  # output columns per program
@@ -129,7 +136,7 @@ def _fused_kernel(x_ptr, a_ptr, b_ptr, y_ptr, ranks_ptr, scales_ptr, sorted_ptr,
 
 def use_fused(T: int, K: int, R: int) -> bool:
     """add_lora's heuristic (host ints only): one fused launch for decode-sized T with a small A slice."""
-    return T <= FUSED_MAX_T and R * K <= FUSED_MAX_RK and R <= FUSED_MAX_R
+    return ENABLED and T <= FUSED_MAX_T and R * K <= FUSED_MAX_RK and R <= FUSED_MAX_R
 
 
 def fused_plan(T: int, K: int, R: int, dtype: torch.dtype = torch.bfloat16, chunk: int | None = None) -> dict:

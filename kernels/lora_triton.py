@@ -1,5 +1,5 @@
 """Triton multi-LoRA kernels: segmented (sorted-by-slot) shrink and expand, multi-slice, rank-masked, no atomics.
-add_lora dispatches decode-sized T to the single-launch kernel of lora_fused_triton.py."""
+add_lora can dispatch decode-sized T to the single-launch kernel of lora_fused_triton.py (off by default: slower)."""
 from __future__ import annotations
 
 from functools import lru_cache

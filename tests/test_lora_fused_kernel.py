@@ -162,7 +162,7 @@ def test_grid_depends_on_shapes_only(monkeypatch, T, S, widths):
     ranks, scales = torch.full((S, L), R, dtype=torch.int32), torch.ones(S, L)
     for slots in (torch.full((T,), -1), torch.zeros(T), torch.arange(T) % S):
         meta = build_lora_meta(slots.to(torch.int32), S)
-        tri.add_lora(torch.zeros(T, N), torch.zeros(T, K), a, b, ranks, scales, offs, meta)
+        tri.add_lora(torch.zeros(T, N), torch.zeros(T, K), a, b, ranks, scales, offs, meta, fused=True)
     chunks = sum(-(-w // fused_mod.FUSED_CHUNK) for w in widths)
     assert rec.grids == [(chunks, -(-T // 16) + min(S, T))] * 3
 
@@ -180,10 +180,13 @@ def test_dispatch_errors():
     assert not fused_mod.use_fused(4, 32, 512)
 
 
-def test_launch_key_tracks_the_kernel_variant():
+def test_launch_key_tracks_the_kernel_variant(monkeypatch):
     """Warm-up (server/runner/warm_up.py) compiles one size per distinct key: the fused variant needs its own key,
     shared by every T it serves (T is not a fused-kernel argument), distinct from the two-launch keys."""
     dev = torch.device("cuda")
+    monkeypatch.setattr(fused_mod, "ENABLED", False)  # the default (slower on the H100): never picked
+    assert all(tri.launch_key(T, 4096, 3, 16, dev)[-1] != "fused" for T in range(1, fused_mod.FUSED_MAX_T + 1))
+    monkeypatch.setattr(fused_mod, "ENABLED", True)
     for K, L, R in ((4096, 3, 16), (4096, 2, 64), (14336, 1, 16)):
         keys = {tri.launch_key(T, K, L, R, dev) for T in range(1, fused_mod.FUSED_MAX_T + 1)}
         assert len(keys) == 1 and next(iter(keys))[-1] == "fused", (K, L, R)
@@ -204,4 +207,5 @@ def test_fused_argument_passes_through_torch_backend():
 def test_interpreter_suite():
     """Runs the interp cases above under TRITON_INTERPRET=1 in a fresh interpreter (the variable is read when
     kernels are decorated, so it must not leak into the rest of the session)."""
-    run_triton_cases(__file__, "interp and not suite", {"LORAMUX_KERNEL_BACKEND": ""}, allow_skips=False)
+    run_triton_cases(__file__, "interp and not suite", {"LORAMUX_KERNEL_BACKEND": "", "LORAMUX_FUSED_LORA": "1"},
+                     allow_skips=False)  # the heuristic is opt-in; these cases check what it picks when on
