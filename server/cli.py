@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="copy adapters into GPU slots synchronously on the engine thread instead of on a side CUDA "
                         "stream overlapped with decoding [env LORAMUX_SYNC_ADAPTER_COPIES]")
     _flag(s, "adapter-load-processes", "worker processes that load adapters from disk (off the server's GIL); "
-          "-1 = 2 on CUDA, 0 (threads) on CPU", -1, int)
+          "0 = threads of the server process (default: faster on the H100 host, docs/performance.md)", 0, int)
     s.add_argument("--pin-adapter-cache", action="store_true", default=_bool_env("pin-adapter-cache"),
                    help="page-lock adapters held in CPU memory (faster GPU uploads, but pinning each load is slow "
                         "on some hosts) [env LORAMUX_PIN_ADAPTER_CACHE]")

@@ -39,7 +39,7 @@ class ServerConfig:
     tensor_parallel_size: int = 1  # >1: offline engine only so far (server/distributed); serve refuses it
     enforce_eager: bool = False  # no CUDA graphs for decode
     sync_adapter_copies: bool = False  # CPU -> GPU slot copies on the engine thread's stream (default: side stream)
-    adapter_load_processes: int = -1  # disk -> CPU loads in this many worker processes; -1 = 2 on CUDA, 0 on CPU
+    adapter_load_processes: int = 0  # disk -> CPU loads in this many worker processes; 0 = loader threads
     pin_adapter_cache: bool = False  # page-lock the CPU adapter cache (faster uploads, slow pinning per load)
     demo_adapters: bool = True
     log_level: str = "info"

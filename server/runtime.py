@@ -42,11 +42,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
-def resolve_load_processes(n: int, device: torch.device) -> int:
-    """-1 (auto) -> 2 worker processes on CUDA (loads would contend for the engine thread's GIL), 0 on CPU."""
-    if n < -1:
-        raise ModelLoadError("--adapter-load-processes must be -1 (auto), 0 (threads) or a positive count")
-    return (2 if device.type == "cuda" else 0) if n == -1 else n
+def check_load_processes(n: int) -> int:
+    if n < 0:
+        raise ModelLoadError("--adapter-load-processes must be 0 (loader threads) or a positive count")
+    return n
 
 
 def lora_slot_bytes(m: ModelConfig, slots: int, max_rank: int, dtype: torch.dtype) -> int:
@@ -177,8 +176,7 @@ class Runtime:
         self.adapters = AdapterService(config.resolved_adapter_dir, mcfg.raw, self.dtype, config.max_loras,
                                        config.max_lora_rank, config.max_cpu_loras, config.max_adapter_bytes,
                                        config.max_cpu_lora_bytes or None,
-                                       load_processes=resolve_load_processes(config.adapter_load_processes,
-                                                                             self.device),
+                                       load_processes=check_load_processes(config.adapter_load_processes),
                                        pin_cache=config.pin_adapter_cache)
         attach_adapters(self.engine, self.adapters, not config.sync_adapter_copies and self.device.type == "cuda")
         log.info("adapters: %d GPU slots of rank <= %d (%.1f MiB), registry %s", config.max_loras,

@@ -188,7 +188,7 @@ def main(argv=None) -> dict:
     p.add_argument("--saturation-seconds", type=float, default=20.0, help="length of each closed-loop run")
     p.add_argument("--sync-adapter-copies", action="store_true", help="CPU -> GPU slot copies on the engine thread")
     p.add_argument("--enforce-eager", action="store_true")
-    p.add_argument("--load-processes", type=int, default=2 if torch.cuda.is_available() else 0,
+    p.add_argument("--load-processes", type=int, default=0,
                    help="disk loads in worker processes (0: threads of this process)")
     p.add_argument("--cpu-cache", choices=("pinned", "pageable"), default="pageable",
                    help="page-locked CPU cache, or pageable with uploads staged through pinned buffers")
