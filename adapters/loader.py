@@ -12,7 +12,7 @@ import torch
 
 from .config import MAX_CONFIG_BYTES, LoraConfig, parse_lora_config
 from .errors import NOT_FOUND, AdapterError, unsupported
-from .safetensors_io import WEIGHTS_FILE, load_safetensors, parse_header, read_bytes, read_reusing
+from .safetensors_io import WEIGHTS_FILE, load_safetensors, parse_layout, read_bytes, read_reusing
 from .spec import BaseModelSpec
 from .packed import PackedAdapter, PackedViews, pack
 from .validate import all_finite, check_finite, check_structure
@@ -89,8 +89,9 @@ def build(config: LoraConfig, data: bytes | memoryview, spec: BaseModelSpec, dty
     the packed form (pinned with pin=True, falling back to pageable memory when page-locking fails).
     phases: seconds per step ("decode", "alloc", "pack", "check") are added to it."""
     t0 = time.perf_counter()
-    pairs = check_structure(parse_header(data), config, spec)
-    tensors = load_safetensors(data)
+    layout = parse_layout(data)
+    pairs = check_structure(layout[0], config, spec)
+    tensors = load_safetensors(data, layout=layout)
     weights = {lm: (tensors[ka], tensors[kb]) for lm, (ka, kb) in pairs.items()}
     scales = {lm: config.scale_for(*lm) for lm in weights}
     phases = Counter() if phases is None else phases

@@ -37,11 +37,11 @@ def _no_dupes(pairs):
 def parse_header(data: bytes | memoryview, max_header_bytes: int = MAX_HEADER_BYTES
                  ) -> dict[str, tuple[str, tuple[int, ...]]]:
     """Validate the header and data layout of a whole safetensors buffer -> {key: (dtype, shape)}."""
-    return _parse(data, max_header_bytes)[0]
+    return parse_layout(data, max_header_bytes)[0]
 
 
-def _parse(data: bytes | memoryview, max_header_bytes: int) -> tuple[dict[str, tuple[str, tuple[int, ...]]],
-                                                                     dict[str, int]]:
+def parse_layout(data: bytes | memoryview, max_header_bytes: int = MAX_HEADER_BYTES
+                 ) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dict[str, int]]:
     """parse_header's work -> ({key: (dtype, shape)}, {key: byte offset of its data in `data`})."""
     size = len(data)
     if size < 8:
@@ -117,10 +117,12 @@ def read_bytes(path: Path, max_bytes: int, name: str) -> bytes:
     return data
 
 
-def load_safetensors(data: bytes | memoryview, max_header_bytes: int = MAX_HEADER_BYTES) -> dict[str, torch.Tensor]:
+def load_safetensors(data: bytes | memoryview, max_header_bytes: int = MAX_HEADER_BYTES,
+                     layout: tuple | None = None) -> dict[str, torch.Tensor]:
     """Validate the header ourselves, then decode: a writable buffer (see read_reusing) is viewed in place, no
-    copy; immutable bytes (uploads) go through `safetensors`' own decoder."""
-    header, begins = _parse(data, max_header_bytes)
+    copy; immutable bytes (uploads) go through `safetensors`' own decoder. layout: parse_layout(data) when the
+    caller already has it (the header is parsed once per load)."""
+    header, begins = layout if layout is not None else parse_layout(data, max_header_bytes)
     if isinstance(data, memoryview) and not data.readonly:
         return _views(data, header, begins)
     try:
@@ -134,7 +136,7 @@ def load_safetensors(data: bytes | memoryview, max_header_bytes: int = MAX_HEADE
 
 def _views(data: memoryview, header: dict[str, tuple[str, tuple[int, ...]]],
            begins: dict[str, int]) -> dict[str, torch.Tensor]:
-    """Tensors viewing `data` at the offsets _parse checked (the spans tile the data section exactly)."""
+    """Tensors viewing `data` at the offsets parse_layout checked (the spans tile the data section exactly)."""
     out = {}
     for key, (dtype, shape) in header.items():
         count = math.prod(shape)
