@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from test_lora_kernels import check_y, naive_add
+from test_lora_kernels import check_y, naive_add, nan_padded_stacks
 from triton_interp import run_triton_cases
 
 tri = pytest.importorskip("loramux.kernels.lora_triton")  # imports triton (launch plans are host math)
@@ -53,14 +53,7 @@ def make(T, D, widths, R, choices, dtype, K, seed):
     ch = torch.tensor(choices)
     ranks = ch[torch.randint(len(ch), (S, L), generator=g)].to(torch.int32)
     ranks[adapters[0], 0] = max(choices)
-    A = (torch.randn(S, L * R, K, generator=g) / K ** 0.5).to(dtype)
-    B = torch.randn(S, N, R, generator=g).to(dtype)
-    for s in range(S):
-        for i in range(L):
-            r = int(ranks[s, i])
-            A[s, i * R + r:(i + 1) * R] = float("nan")
-            B[s, offs[i]:offs[i + 1], r:] = float("nan")
-    scales = torch.rand(S, L, generator=g) * 1.5 + 0.25
+    A, B, scales = nan_padded_stacks(ranks, K, offs, R, dtype, g)
     x = torch.randn(T, K, generator=g).to(dtype)
     y0 = (0.1 * torch.randn(T, N, generator=g)).to(dtype)
     return dict(x=x, y0=y0, A=A, B=B, ranks=ranks, scales=scales, offs=offs, slots=slots, S=S, R=R)

@@ -22,6 +22,20 @@ LAYOUTS = {"qkv": (64, 16, 16), "gate_up": (144, 48), "single": (40,)}
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 
+def nan_padded_stacks(ranks, K, offs, R, dtype, g):
+    """Random A [S, L*R, K], B [S, N, R] whose padding past each slot's rank is NaN (a kernel that reads it
+    fails), and scales [S, L]."""
+    S, L = ranks.shape
+    A = (torch.randn(S, L * R, K, generator=g) / K ** 0.5).to(dtype)
+    B = torch.randn(S, offs[-1], R, generator=g).to(dtype)
+    for s in range(S):
+        for i in range(L):
+            r = int(ranks[s, i])
+            A[s, i * R + r:(i + 1) * R] = float("nan")
+            B[s, offs[i]:offs[i + 1], r:] = float("nan")
+    return A, B, torch.rand(S, L, generator=g) * 1.5 + 0.25
+
+
 def make_case(T, S=5, K=48, widths=(64, 16, 16), R=16, dtype=torch.float32, seed=0, rank_choices=None):
     """Random inputs; A/B padding beyond each rank is NaN. Ranks include 0 and R; slots unsorted, with -1."""
     g = torch.Generator().manual_seed(seed)
@@ -32,14 +46,7 @@ def make_case(T, S=5, K=48, widths=(64, 16, 16), R=16, dtype=torch.float32, seed
     ranks[0, 0] = R
     if S > 1:
         ranks[1, -1] = 0
-    A = (torch.randn(S, L * R, K, generator=g) / K ** 0.5).to(dtype)
-    B = torch.randn(S, N, R, generator=g).to(dtype)
-    for s in range(S):
-        for i in range(L):
-            r = int(ranks[s, i])
-            A[s, i * R + r:(i + 1) * R] = float("nan")
-            B[s, offs[i]:offs[i + 1], r:] = float("nan")
-    scales = torch.rand(S, L, generator=g) * 1.5 + 0.25
+    A, B, scales = nan_padded_stacks(ranks, K, offs, R, dtype, g)
     slots = torch.randint(-1, S, (T,), generator=g, dtype=torch.int32)
     x = torch.randn(T, K, generator=g).to(dtype)
     y0 = (0.1 * torch.randn(T, N, generator=g)).to(dtype)  # base output; the LoRA delta is O(1)
