@@ -131,6 +131,20 @@ def test_all_tokens_without_adapter():
     assert torch.equal(run_add(c), c["y0"])
 
 
+def capture(step) -> torch.cuda.CUDAGraph:
+    """Run step twice on a side stream (Triton compiles outside capture), then capture it in a graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph
+
+
 @pytest.mark.parametrize("T", [1, 64, 256])
 def test_cuda_graph_capture_matches_eager(T):
     """build_lora_meta + add_lora on all four groups of a layer, captured once, replayed with new slots."""
@@ -146,15 +160,7 @@ def test_cuda_graph_capture_matches_eager(T):
         for k, c in cases.items():
             add_lora(ys[k], c["x"], c["A"], c["B"], c["ranks"], c["scales"], c["offs"], meta, backend="triton")
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up compiles the kernels outside capture
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph = capture(step)
     g = torch.Generator(device="cuda").manual_seed(T)
     assignments = [torch.randint(-1, S, (T,), generator=g, device="cuda", dtype=torch.int32),
                    torch.full((T,), -1, dtype=torch.int32, device="cuda"),
@@ -232,15 +238,7 @@ def test_fused_cuda_graph_capture_matches_eager(T):
             add_lora(ys[k], c["x"], c["A"], c["B"], c["ranks"], c["scales"], c["offs"], meta, backend="triton",
                      fused=True)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # compiles outside capture
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph = capture(step)
     for D in (1, 8):
         slots = decode_slots(T, D, seed=D)
         static_slots.copy_(slots)
