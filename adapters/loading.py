@@ -12,6 +12,7 @@ import torch
 from .cache import CpuAdapterCache
 from .errors import INTERNAL, NOT_FOUND, AdapterError
 from .loader import LoadedAdapter, load_adapter
+from .packed_store import PackedStore
 from .registry import AdapterRegistry
 from .spec import BaseModelSpec
 
@@ -50,8 +51,10 @@ class AdapterLoader:
     """request() starts a background load (idempotent); poll() returns the adapter, its error, or None."""
 
     def __init__(self, registry: AdapterRegistry, spec: BaseModelSpec, dtype: torch.dtype,
-                 cpu_cache: CpuAdapterCache, max_workers: int = 2, error_ttl_s: float = 5.0, processes: int = 0):
+                 cpu_cache: CpuAdapterCache, max_workers: int = 2, error_ttl_s: float = 5.0, processes: int = 0,
+                 packed_store: PackedStore | None = None):
         self.registry, self.spec, self.dtype, self.cache = registry, spec, dtype, cpu_cache
+        self.packed_store = packed_store  # packed forms on disk: a load of a known version maps one file
         self.processes = None  # with processes > 0 the work of a load runs in worker processes (load_worker.py)
         if processes > 0:
             from .load_worker import ProcessLoads
@@ -67,15 +70,20 @@ class AdapterLoader:
         self.latency = Histogram()  # seconds per successful disk -> CPU load (read + validate + pin)
         self.loads = 0  # successful disk -> CPU loads
         self.phase_seconds = Counter()  # seconds summed over loads: read, decode, alloc (pinning), pack, check;
-        # with worker processes also write (worker -> file) and transfer (file -> this process)
+        # with worker processes also write (worker -> file) and transfer (file -> this process); with a packed
+        # store map (a known version's packed file) and save (writing a new version's packed file)
 
     def _load(self, adapter_id: str, gen: int) -> LoadedAdapter:
         path = self.registry.path_of(adapter_id)
         if path is None:
             raise AdapterError(f"adapter {adapter_id!r} does not exist", "model", NOT_FOUND)
         t0, phases = time.perf_counter(), Counter()
+        adapter, key = self.packed_store.load(path, adapter_id) if self.packed_store is not None else (None, None)
+        mapped = adapter is not None
         try:
-            if self.processes is not None:
+            if mapped:
+                phases["map"] += time.perf_counter() - t0
+            elif self.processes is not None:
                 adapter = self.processes.load(path, self.spec, self.dtype, adapter_id, self.cache.pin, phases)
             else:
                 adapter = load_adapter(path, self.spec, self.dtype, adapter_id=adapter_id, pin=self.cache.pin,
@@ -90,6 +98,10 @@ class AdapterLoader:
         if current:
             self.cache.put(adapter_id, adapter)  # pins here, on the worker thread
         self.latency.observe(time.perf_counter() - t0)
+        if key is not None and not mapped:  # after put(): waiting requests go on meanwhile
+            t1 = time.perf_counter()
+            self.packed_store.save(path, key, adapter)
+            phases["save"] += time.perf_counter() - t1
         with self._lock:
             self.loads += 1
             self.phase_seconds.update(phases)  # Counter.update adds

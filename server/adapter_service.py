@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import threading
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 from loramux.adapters.cache import CpuAdapterCache
 from loramux.adapters.errors import NOT_FOUND, AdapterError
 from loramux.adapters.loading import AdapterLoader
+from loramux.adapters.packed_store import PackedStore
 from loramux.adapters.registry import TOKENIZER_FILE
 from loramux.adapters.slots import SlotTable
 from loramux.adapters.spec import BaseModelSpec
@@ -21,6 +23,20 @@ log = logging.getLogger("loramux.adapters")
 FORBIDDEN = 403
 
 
+def packed_store(root: Path | None, max_bytes: int, spec: BaseModelSpec, dtype: torch.dtype) -> PackedStore | None:
+    """The on-disk packed-form cache (adapters/packed_store.py), or None when root is None or max_bytes is 0.
+    max_bytes < 0: half the free space of root's file system at start (plus what the cache already holds)."""
+    if root is None or max_bytes == 0:
+        return None
+    Path(root).mkdir(parents=True, exist_ok=True)
+    store = PackedStore(Path(root), spec, dtype, max(max_bytes, 0) or (1 << 62))
+    if max_bytes < 0:
+        store.max_bytes = shutil.disk_usage(root).free // 2 + store.nbytes
+    log.info("packed adapter cache %s: %.1f GiB held, bound %.1f GiB", root, store.nbytes / 2**30,
+             store.max_bytes / 2**30)
+    return store
+
+
 class AdapterService(SlotGate):
     """Implements the scheduler's AdapterGate (SlotGate: called on the engine thread) and the REST-facing
     operations (upload, list, get, delete; called on the event loop or worker threads).
@@ -28,7 +44,8 @@ class AdapterService(SlotGate):
 
     def __init__(self, root: Path, model_config: dict, dtype: torch.dtype, max_loras: int, max_lora_rank: int,
                  max_cpu_loras: int, max_adapter_bytes: int = 4 << 30, max_cpu_bytes: int | None = None,
-                 load_processes: int = 0, pin_cache: bool = False):
+                 load_processes: int = 0, pin_cache: bool = False, packed_dir: Path | None = None,
+                 max_packed_bytes: int = -1):
         self.dtype = dtype
         self.spec = BaseModelSpec.from_hf_config(model_config, max_lora_rank, str(dtype).replace("torch.", ""))
         Path(root).mkdir(parents=True, exist_ok=True)
@@ -37,8 +54,9 @@ class AdapterService(SlotGate):
         # pageable by default: page-locking each adapter cost more than loading it on the H100 host; GPU uploads
         # pass through reused pinned staging buffers instead (runner/pinned_staging.py)
         self.cache = CpuAdapterCache(max_cpu_loras, max_cpu_bytes, pin=pin_cache and torch.cuda.is_available())
+        self.packed = packed_store(packed_dir, max_packed_bytes, self.spec, dtype)
         self.loader = AdapterLoader(self.store, self.spec, dtype, self.cache,  # loads by key via store.path_of
-                                    processes=load_processes)
+                                    processes=load_processes, packed_store=self.packed)
         self.table = SlotTable(max_loras)
         self.device_slots = None  # runner.lora_slots.LoRASlots, attached once the model exists
         self._init_gate()
@@ -63,8 +81,11 @@ class AdapterService(SlotGate):
         return key
 
     def unhold(self, key: str) -> None:
-        for gone in self.store.unhold(key):
-            self._forget_key(gone)
+        gone = self.store.unhold(key)
+        for k in gone:
+            self._forget_key(k)
+        if gone and self.packed is not None:
+            self.packed.drop_missing()
 
     def register_dir(self, adapter_id: str, path: Path, overwrite: bool = True) -> dict:
         """Startup registration (--adapter NAME=PATH): validated against the base model, public to all."""
@@ -113,6 +134,8 @@ class AdapterService(SlotGate):
         for gone in self.store.prune(ref):
             self._forget_key(gone)
         self._forget_key(ref.qual)  # a bare (unversioned) key means "current": never reuse its old weights
+        if self.packed is not None:
+            self.packed.drop_missing()  # packed files of versions pruned just now
         info = self.store.info(ref)
         if info is None:
             raise AdapterError(f"adapter {ref.adapter_id!r} was deleted meanwhile", "adapter_id", NOT_FOUND)
@@ -126,6 +149,8 @@ class AdapterService(SlotGate):
         keys = {k for k in list(self.table.resident()) + self.cache.ids() if parse_key(k)[0] == ref}
         for key in keys | {ref.qual}:
             self._forget_key(key)
+        if self.packed is not None:
+            self.packed.drop_missing()  # packed files of the deleted versions
 
     def _location(self, key: str) -> str:
         if self.table.is_loaded(key):
@@ -175,7 +200,15 @@ class AdapterService(SlotGate):
                 "evictions_total": {"cpu": cache.get("evictions", 0), "gpu": self.counters["gpu_evictions"]},
                 "hits_total": {"gpu": self.counters["gpu_hits"], "cpu": cache.get("hits", 0)},
                 "disk_load_phase_seconds": dict(self.loader.phase_seconds),
+                **self._packed_stats(),
                 **self.gate_stats()}
+
+    def _packed_stats(self) -> dict:
+        """packed_files / packed_bytes / packed_max_bytes (gauges) and packed_<event>_total counters."""
+        if self.packed is None:
+            return {}
+        return {f"packed_{k}" if k in ("files", "bytes", "max_bytes") else f"packed_{k}_total": v
+                for k, v in self.packed.stats().items()}
 
     def close(self) -> None:
         self.loader.close()

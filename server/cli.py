@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pin-adapter-cache", action="store_true", default=_bool_env("pin-adapter-cache"),
                    help="page-lock adapters held in CPU memory (faster GPU uploads, but pinning each load is slow "
                         "on some hosts) [env LORAMUX_PIN_ADAPTER_CACHE]")
+    _flag(s, "max-packed-adapter-bytes", "disk bytes for the packed (slot-ready) form of loaded adapter versions "
+          "under CACHE_DIR/packed-adapters, so a reload maps one file instead of reading and converting the folder;"
+          " -1 = half the free space at start, 0 = off", -1, int)
     s.add_argument("--no-demo-adapters", action="store_true", default=_bool_env("no-demo-adapters"),
                    help="do not register the demo adapters with the embedded model [env LORAMUX_NO_DEMO_ADAPTERS]")
     _flag(s, "log-level", "debug, info, warning, error", "info")
@@ -122,6 +125,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         enforce_eager=args.enforce_eager,
         sync_adapter_copies=args.sync_adapter_copies, demo_adapters=not args.no_demo_adapters,
         adapter_load_processes=args.adapter_load_processes, pin_adapter_cache=args.pin_adapter_cache,
+        max_packed_adapter_bytes=args.max_packed_adapter_bytes,
         log_level=args.log_level, api_keys=args.api_keys, public_metrics=args.public_metrics, max_n=args.max_n,
         max_logprobs=args.max_logprobs, max_stop=args.max_stop, max_stop_length=args.max_stop_length,
         max_body_bytes=args.max_body_bytes, max_header_bytes=args.max_header_bytes,

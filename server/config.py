@@ -41,6 +41,7 @@ class ServerConfig:
     sync_adapter_copies: bool = False  # CPU -> GPU slot copies on the engine thread's stream (default: side stream)
     adapter_load_processes: int = 0  # disk -> CPU loads in this many worker processes; 0 = loader threads
     pin_adapter_cache: bool = False  # page-lock the CPU adapter cache (faster uploads, slow pinning per load)
+    max_packed_adapter_bytes: int = -1  # packed forms on disk (cache_dir/packed-adapters); -1 = half the free space
     demo_adapters: bool = True
     log_level: str = "info"
     # ---- tenants and hardening (docs/operations.md) ----

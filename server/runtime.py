@@ -177,7 +177,9 @@ class Runtime:
                                        config.max_lora_rank, config.max_cpu_loras, config.max_adapter_bytes,
                                        config.max_cpu_lora_bytes or None,
                                        load_processes=check_load_processes(config.adapter_load_processes),
-                                       pin_cache=config.pin_adapter_cache)
+                                       pin_cache=config.pin_adapter_cache,
+                                       packed_dir=Path(config.cache_dir) / "packed-adapters",
+                                       max_packed_bytes=config.max_packed_adapter_bytes)
         attach_adapters(self.engine, self.adapters, not config.sync_adapter_copies and self.device.type == "cuda")
         log.info("adapters: %d GPU slots of rank <= %d (%.1f MiB), registry %s", config.max_loras,
                  config.max_lora_rank, self.adapters.device_slots.nbytes / 2**20, config.resolved_adapter_dir)

@@ -7,6 +7,15 @@ from pathlib import Path
 
 import pytest
 
+_ROOT = Path(__file__).resolve().parent.parent
+# `python -m pytest` puts the checkout root on sys.path, where the folders kernels/ and adapters/ (installed as
+# loramux.kernels / loramux.adapters) would shadow PyPI packages of those names: transformers >= 5 imports the
+# `kernels` package from the Hub when it is installed. The tests import loramux.* only, so the root goes.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
+for _name in ("kernels", "adapters"):
+    _mod = sys.modules.get(_name)
+    if _mod is not None and str(getattr(_mod, "__file__", "") or "").startswith(str(_ROOT)):
+        del sys.modules[_name]
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -45,11 +45,13 @@ def _peft_reference(base, adapters: dict, prompts: list) -> dict:
     return ref
 
 
-def _engine(base, tmp, ids: dict, max_loras: int, max_cpu: int, max_seqs: int = 12, num_blocks: int = 64):
+def _engine(base, tmp, ids: dict, max_loras: int, max_cpu: int, max_seqs: int = 12, num_blocks: int = 64,
+            packed_dir=None):
     engine = make_engine(base, max_loras=max_loras, max_seqs=max_seqs, num_blocks=num_blocks, budget=256)
     cfg = dataclasses.replace(engine.scheduler.config, max_adapter_wait_steps=WAIT_STEPS)
     engine.scheduler.config = cfg
-    svc = AdapterService(tmp, ModelConfig.from_dir(base).raw, torch.float32, max_loras, 32, max_cpu)
+    svc = AdapterService(tmp, ModelConfig.from_dir(base).raw, torch.float32, max_loras, 32, max_cpu,
+                         packed_dir=packed_dir)
     for name, path in ids.items():
         svc.register_dir(name, path)
     attach_adapters(engine, svc)
@@ -63,13 +65,16 @@ def _assert_clean(engine, svc):
     assert not svc._copying and not svc.device_slots.in_flight()
 
 
-def test_churn_two_slots_fifty_adapters(world, tmp_path):
+@pytest.mark.parametrize("packed", [False, True], ids=["folders", "packed-files"])
+def test_churn_two_slots_fifty_adapters(world, tmp_path, packed):
     """--max-loras 2, --max-cpu-loras 3, 50 adapter ids (6 PEFT adapters, each under several ids), 500 requests
-    in random order at random concurrency (1-12 in flight) from 3 tenants: every output equals PEFT's."""
+    in random order at random concurrency (1-12 in flight) from 3 tenants: every output equals PEFT's. With the
+    packed store, reloads map the packed file each id's first load wrote."""
     base, adapters, prompts, ref = world
     variants = list(adapters)
     ids = {f"ad{i:02d}": variants[i % len(variants)] for i in range(50)}
-    engine, svc = _engine(base, tmp_path / "reg", {k: adapters[v] for k, v in ids.items()}, 2, 3)
+    engine, svc = _engine(base, tmp_path / "reg", {k: adapters[v] for k, v in ids.items()}, 2, 3,
+                          packed_dir=tmp_path / "packed" if packed else None)
     rng = random.Random(0)
     weights = [1.0 / (k + 1) for k in range(50)]  # Zipf-like popularity, plus base-model requests
     names = list(ids)
@@ -108,6 +113,9 @@ def test_churn_two_slots_fifty_adapters(world, tmp_path):
     bound = WAIT_STEPS + 6 * (MAX_NEW + 1) + 10
     assert engine.scheduler.max_blocked_steps <= bound, (engine.scheduler.max_blocked_steps, bound)
     assert st["wait_seconds"]["count"] == sum(1 for t in todo if t[1] is not None)
+    if packed:  # every id has its own registry folder, so 50 files at most; the rest of the loads mapped them
+        assert 0 < st["packed_writes_total"] <= 50 and st["packed_hits_total"] > 100, st
+        assert st["disk_load_phase_seconds"]["map"] > 0
 
 
 def test_slow_loading_adapter_does_not_stall_others(world, tmp_path, monkeypatch):

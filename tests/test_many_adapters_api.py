@@ -42,7 +42,9 @@ def test_tenant_reaches_the_engine_and_metrics_have_adapter_histograms(srv):
         assert line in text, line
     phases = {ln.split('"')[1]: float(ln.split()[-1]) for ln in text.splitlines()
               if ln.startswith("loramux_adapter_disk_load_phase_seconds_total{")}
-    assert set(phases) == {"read", "decode", "alloc", "pack", "check"} and phases["pack"] > 0, phases
+    # first loads read the folders and write their packed files (save); none of these adapters was loaded twice
+    assert set(phases) == {"read", "decode", "alloc", "pack", "check", "save"} and phases["pack"] > 0, phases
+    assert "loramux_adapter_packed_writes_total" in text and "loramux_adapter_packed_bytes" in text
     count = [ln for ln in text.splitlines() if ln.startswith("loramux_adapter_wait_seconds_count")]
     assert float(count[0].split()[-1]) >= 2  # two adapter requests admitted
 

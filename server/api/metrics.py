@@ -139,7 +139,10 @@ class _LiveCollector:
         stats = service.stats()
         for key, help_ in (("slots_total", "GPU adapter slots."), ("slots_in_use", "GPU slots in use by requests."),
                            ("slots_loading", "GPU slots whose copy is still in flight."),
-                           ("cpu_cached", "Adapters held in the CPU cache.")):
+                           ("cpu_cached", "Adapters held in the CPU cache."),
+                           ("packed_files", "Packed adapter files on disk (one per adapter version loaded)."),
+                           ("packed_bytes", "Bytes of packed adapter files on disk."),
+                           ("packed_max_bytes", "Bound on the bytes of packed adapter files.")):
             if key in stats:
                 yield _gauge(f"loramux_adapter_{key}", help_, None, stats[key])
         if "resident" in stats:
@@ -157,7 +160,8 @@ class _LiveCollector:
                 yield fam
         if isinstance(stats.get("disk_load_phase_seconds"), dict):
             fam = CounterMetricFamily("loramux_adapter_disk_load_phase_seconds", "Seconds of disk -> CPU adapter "
-                                      "loads by step: read, decode, alloc (page-locking), pack, check.",
+                                      "loads by step: read, decode, alloc (page-locking), pack, check, map "
+                                      "(a packed file), save (writing one).",
                                       labels=["phase"])
             for phase, value in sorted(stats["disk_load_phase_seconds"].items()):
                 fam.add_metric([phase], value)
