@@ -104,7 +104,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     Triton decode (all query_lens == 1) never reads seq_lens_list: its launch depends only on B, the shapes and
     the number of KV splits, which defaults to a function of (B, Hkv, MB = block_tables.shape[1], SM count).
     To capture it in a CUDA graph, pass block tables of a fixed width (max blocks per sequence) or pin
-    num_kv_splits; rows with seq_len 0 produce zeros. Prefill/mixed batches use the host lists (not captured).
+    num_kv_splits; rows with seq_len 0 produce zeros. Prefill/mixed batches use the host lists (not captured;
+    paged_attention_table is the capturable form).
     """
     decode = query_lens is None or max(query_lens) == 1  # None: graph-captured decode, no host metadata
     n_seqs = q.shape[0] if query_lens is None else len(query_lens)
@@ -121,4 +122,65 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if decode:  # every sequence has exactly one new token
         return tri.decode(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, num_kv_splits)
     cu_q = tri.cu_seqlens(query_lens, q.device)
-    return tri.prefill(q, k_cache, v_cache, block_tables, seq_lens, cu_q, max(query_lens), scale, sliding_window)
+    return _tri_prefill().prefill(q, k_cache, v_cache, block_tables, seq_lens, cu_q, max(query_lens), scale,
+                                  sliding_window)
+
+
+def _tri_prefill():
+    from . import attention_prefill_triton  # lazily, as _tri()
+
+    return attention_prefill_triton
+
+
+def prefill_table_block_m(num_heads: int, num_kv_heads: int, head_dim: int) -> int:
+    """BLOCK_M (rows = token x query head) of one work entry of paged_attention_table (needs triton)."""
+    return _tri_prefill().table_block_m(num_heads, num_kv_heads, head_dim)
+
+
+def prefill_table_capacity(max_tokens: int, max_seqs: int, group: int, block_m: int) -> int:
+    """Work entries enough for any step of <= max_tokens new tokens over <= max_seqs sequences:
+    cdiv(max_tokens * G, block_m) + min(max_seqs, max_tokens) - 1 (needs triton)."""
+    return _tri_prefill().prefill_table_capacity(max_tokens, max_seqs, group, block_m)
+
+
+def prefill_work_table(query_lens: list[int], group: int, block_m: int, capacity: int,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
+    """-> int32 CPU [capacity, 2] rows (sequence, row tile), padding (-1, -1), written into out (2 * capacity
+    int32 elements) when given; ValueError past capacity (needs triton)."""
+    return _tri_prefill().prefill_work_table(query_lens, group, block_m, capacity, out)
+
+
+def paged_attention_table(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                          seq_lens: torch.Tensor, cu_q: torch.Tensor, work: torch.Tensor, scale: float,
+                          sliding_window: int | None = None, backend: str = "auto", out: torch.Tensor | None = None,
+                          query_lens: list[int] | None = None) -> torch.Tensor:
+    """paged_attention for any mix of prefill chunks and decode rows, with a CUDA-graph-capturable launch.
+
+    q [T, H, D] packed by sequence; rows from cu_q[B'] on (B' real sequences) are padding. block_tables [B, MB]
+    int32, seq_lens [B] int32 (context incl. the new tokens), cu_q [B+1] int32 cumulative query starts, all on
+    q's device; rows past the B' real sequences may be padding (never read). work [E, 2] int32 on device, the
+    rows of prefill_work_table(query_lens, H // Hkv, prefill_table_block_m(H, Hkv, D), E), E >= the step's need
+    (prefill_table_capacity bounds it). -> out [T, H, D] (given or allocated); padding rows are not written.
+
+    Capture contract (Triton): the launch reads no host value of the step: grid (E, Hkv) and constexprs depend
+    on shapes, dtypes, sliding_window on/off and the device. Capture once with static q / out / block_tables /
+    seq_lens / cu_q / work buffers of a bucket's capacity, then per step copy the new values into them and replay.
+    Backend "torch" (reference, not capturable) needs the host query_lens of the B' real sequences instead of
+    the table, and syncs to read seq_lens.
+    """
+    if q.shape[1] % k_cache.shape[2] or q.shape[2] != k_cache.shape[3]:
+        raise ValueError(f"q {tuple(q.shape)} and cache {tuple(k_cache.shape)} do not fit")
+    if resolve_backend(backend, q.device) == "torch":
+        if query_lens is None:
+            raise ValueError("backend 'torch' needs the host query_lens")
+        B, T = len(query_lens), sum(query_lens)
+        out = torch.empty_like(q) if out is None else out
+        if T == 0:
+            return out
+        out[:T] = paged_attention_reference(q[:T], k_cache, v_cache, block_tables[:B], seq_lens[:B],
+                                           seq_lens[:B].tolist(), query_lens, scale, sliding_window)
+        return out
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    return _tri_prefill().prefill_graphed(q, k_cache, v_cache, block_tables, seq_lens, cu_q, work, scale,
+                                          sliding_window, out=out)

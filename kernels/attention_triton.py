@@ -1,4 +1,5 @@
-"""Triton paged attention: KV-cache write, split-K GQA decode with a deterministic reduce, varlen causal prefill."""
+"""Triton paged attention: KV-cache write, split-K GQA decode with a deterministic reduce, shared tile helpers
+(the varlen causal prefill lives in attention_prefill_triton)."""
 from __future__ import annotations
 
 import functools
@@ -155,48 +156,6 @@ def _reduce_kernel(mid_o_ptr, mid_lse_ptr, out_ptr, num_splits, s_ot, s_oh, H: t
     tl.store(out_ptr + b.to(tl.int64) * s_ot + h * s_oh + d, res.to(out_ptr.dtype.element_ty), mask=d < D)
 
 
-@triton.jit
-def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, bt_ptr, seq_lens_ptr, cu_q_ptr, qk_scale, window,
-                    s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_bt, s_ot, s_oh,
-                    G: tl.constexpr, D: tl.constexpr, D_POW2: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_F32: tl.constexpr):
-    # q [T, H, D] packed by sequence (cu_q [B+1] starts); grid (B, row tiles, Hkv). The n new tokens of sequence
-    # b x its G heads form n*G rows r = t*G + g; a tile of BLOCK_M rows attends causally to the cached prefix and
-    # itself: keys [window start of its first token, position of its last token].
-    b = tl.program_id(0)
-    tile = tl.program_id(1)
-    kvh = tl.program_id(2)
-    q_lo = tl.load(cu_q_ptr + b)
-    n = tl.load(cu_q_ptr + b + 1) - q_lo
-    r0 = tile * BLOCK_M
-    if r0 >= n * G:
-        return
-    seq_len = tl.load(seq_lens_ptr + b)
-    ctx = seq_len - n  # tokens cached before this step's chunk
-    r = r0 + tl.arange(0, BLOCK_M)
-    r_ok = r < n * G
-    t = r // G
-    heads = kvh * G + r % G
-    q_pos = ctx + t  # [M]
-    d = tl.arange(0, D_POW2)
-    q_off = (q_lo + t).to(tl.int64)[:, None] * s_qt + heads[:, None] * s_qh + d[None, :]
-    q = tl.load(q_ptr + q_off, mask=_mask2(r_ok, d, D, D_POW2), other=0.0)  # [M, Dp]
-    end = ctx + tl.minimum((r0 + BLOCK_M - 1) // G, n - 1) + 1
-    start = 0
-    if HAS_WINDOW:
-        start = tl.maximum(ctx + r0 // G - window + 1, 0)
-    acc = tl.zeros((BLOCK_M, D_POW2), dtype=tl.float32)
-    m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    acc, m_i, l_i = _attend(q, acc, m_i, l_i, k_ptr + kvh * s_kh, v_ptr + kvh * s_vh, bt_ptr + b.to(tl.int64) * s_bt,
-                            start, end, q_pos, window, qk_scale, s_kb, s_kt, s_vb, s_vt, d, D, D_POW2,
-                            BS, BLOCK_N, True, HAS_WINDOW, DOT_F32)
-    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    o_off = (q_lo + t).to(tl.int64)[:, None] * s_ot + heads[:, None] * s_oh + d[None, :]
-    tl.store(out_ptr + o_off, o.to(out_ptr.dtype.element_ty), mask=_mask2(r_ok, d, D, D_POW2))
-
-
-
 def _dot_f32(dtype: torch.dtype) -> bool:
     """fp32 uses exact (ieee) dots; the interpreter multiplies bf16 as raw integers, so widen there."""
     return dtype == torch.float32 or interpreter_on()
@@ -256,29 +215,6 @@ def decode(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window=No
     return out
 
 
-def prefill(q, k_cache, v_cache, block_tables, seq_lens, cu_q, max_query_len, scale, sliding_window=None,
-            block_m=None, block_n=None) -> torch.Tensor:
-    """q [T, H, D] packed by sequence, cu_q [B+1] int32 cumulative query starts (device) -> out [T, H, D]."""
-    T, H, D = q.shape
-    _, BS, hkv, _ = k_cache.shape
-    G = H // hkv
-    out = torch.empty(T, H, D, dtype=q.dtype, device=q.device)
-    B = cu_q.shape[0] - 1
-    if T == 0 or B == 0:
-        return out
-    gpu = not interpreter_on()
-    bm = block_m or (128 if gpu and max_query_len * G >= 128 else 64 if gpu else 16)
-    bn = block_n or (64 if gpu else 16)
-    warps = 8 if gpu and bm >= 128 and D >= 128 else 4
-    grid = (B, cdiv(max_query_len * G, bm), hkv)
-    _prefill_kernel[grid](
-        q, k_cache, v_cache, out, block_tables, seq_lens, cu_q, scale * LOG2E, int(sliding_window or 0),
-        q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0),
-        out.stride(0), out.stride(1), G=G, D=D, D_POW2=_pow2(D, 16), BS=BS, BLOCK_M=bm, BLOCK_N=bn,
-        HAS_WINDOW=bool(sliding_window), DOT_F32=_dot_f32(q.dtype), num_warps=warps, num_stages=2 if gpu else 1)
-    return out
-
-
 def cu_seqlens(query_lens: list[int], device) -> torch.Tensor:
     """[B+1] int32 cumulative starts on device; the last result is cached (one H2D copy per step, not per layer)."""
     key = (str(device), tuple(query_lens))
@@ -291,3 +227,12 @@ def cu_seqlens(query_lens: list[int], device) -> torch.Tensor:
 
 
 _CU_CACHE: dict = {}
+
+
+def __getattr__(name: str):
+    """prefill moved to attention_prefill_triton (which imports this module's helpers); old callers keep working."""
+    if name == "prefill":
+        from .attention_prefill_triton import prefill
+
+        return prefill
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -185,7 +185,8 @@ class Runtime:
                  config.max_lora_rank, self.adapters.device_slots.nbytes / 2**20, config.resolved_adapter_dir)
         self._register_startup_adapters(config)
         if self.device.type == "cuda" and not config.enforce_eager and parallel is None:
-            self.engine.runner.enable_cuda_graphs(config.max_num_seqs)
+            self.engine.runner.enable_cuda_graphs(config.max_num_seqs,
+                                                  config.max_num_batched_tokens if config.mixed_step_graphs else 0)
         if self.device.type == "cuda" and parallel is None:  # CPU has nothing to compile; TP would need the workers
             from loramux.server.runner.warm_up import warm_up
 

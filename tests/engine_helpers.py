@@ -23,14 +23,18 @@ def make_engine(model_dir: Path, num_blocks: int = 64, budget: int = 512, max_se
 
 
 def run_all(engine, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
-            adapters: list[str | None] | None = None, timeout_s: float = 300) -> list[list[int]]:
-    """Add every prompt, step until all finish; returns output token ids per prompt."""
+            adapters: list[str | None] | None = None, timeout_s: float = 300, stagger: int = 0) -> list[list[int]]:
+    """Add every prompt (with stagger > 0: one every `stagger` steps, so prompts land in steps with decode rows),
+    step until all finish; returns output token ids per prompt."""
     plist = params if isinstance(params, list) else [params] * len(prompts)
     adapters = adapters or [None] * len(prompts)
     out: dict[str, list[int]] = {}
     for i, (p, sp, a) in enumerate(zip(prompts, plist, adapters)):
         engine.add_request(f"q{i}", p, sp, a)
         out[f"q{i}"] = []
+        for _ in range(stagger):
+            for o in engine.step():
+                out[o.request_id].extend(o.new_token_ids)
     deadline = time.monotonic() + timeout_s
     while engine.has_work() and time.monotonic() < deadline:
         for o in engine.step():

@@ -1,10 +1,16 @@
-"""GPU tests of Triton paged attention at Llama-3-8B shapes vs the torch reference, incl. CUDA-graph decode."""
+"""GPU tests of Triton paged attention at Llama-3-8B shapes vs the torch reference, incl. CUDA-graph decode and
+CUDA-graph mixed prefill/decode through the work-table launch."""
 from __future__ import annotations
+
+import itertools
 
 import pytest
 import torch
 
-from loramux.kernels.attention import paged_attention, paged_attention_reference, write_kv, write_kv_reference
+from test_lora_kernels_gpu import capture
+from loramux.kernels.attention import (paged_attention, paged_attention_reference, paged_attention_table,
+                                       prefill_table_block_m, prefill_table_capacity, prefill_work_table, write_kv,
+                                       write_kv_reference)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -12,13 +18,14 @@ BS = 16
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 
-def make(seqs, H=32, Hkv=8, D=128, dtype=torch.bfloat16, seed=0, width=None):
-    """seqs: (cached context, new tokens) per sequence. K/V scattered through a random block permutation (free
-    rows hold junk 100.0); block tables [B, width] padded with a junk block; q [T, H, D]."""
+def make(seqs, H=32, Hkv=8, D=128, dtype=torch.bfloat16, seed=0, width=None, num_blocks=None):
+    """seqs: (cached context, new tokens) per sequence. K/V scattered through a random block permutation of
+    num_blocks (default: 3 spare; free rows hold junk 100.0); block tables [B, width] padded with a junk block;
+    q [T, H, D]."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     lens = [c + n for c, n in seqs]
     nblk = [-(-L // BS) for L in lens]
-    NB = sum(nblk) + 3
+    NB = num_blocks or sum(nblk) + 3
     perm = torch.randperm(NB, generator=g, device="cuda").to(torch.int32)
     width = width or max(nblk)
     tables = torch.full((len(seqs), width), int(perm[-1]), dtype=torch.int32, device="cuda")
@@ -154,3 +161,56 @@ def test_cuda_graph_decode_matches_eager(B):
         ref = paged_attention_reference(new["q"], c["k_cache"], c["v_cache"], new["tables"], new["seq_lens"],
                                         lens_list, [1] * B, c["scale"])
         check(replayed, ref)
+
+
+MIXES = [[(0, 300), (1000, 100), (50, 1), (4000, 1), (17, 60)],  # (cached context, new tokens) per sequence
+         [(100 * i + 7, 1) for i in range(16)],  # decode rows only, all 16 sequence slots
+         [(0, 512)],  # one prompt filling the bucket
+         [(4500, 200), (10, 37), (2000, 1), (0, 1), (600, 255), (33, 18)],  # 512 tokens
+         [(16 * i + 3, 17) for i in range(16)]]  # many chunks
+
+
+@pytest.mark.parametrize("window", [None, 1000])
+def test_cuda_graph_mixed_prefill_table(window):
+    """paged_attention_table captured once for a bucket (512 tokens, 16 sequences), then replayed on mixes of
+    prompts, chunks and decode rows copied into its static buffers (cache, q, block tables, seq_lens, cu_q, work
+    table); each replay matches the reference and an eager run, and leaves the padding output rows untouched."""
+    H, Hkv, D, max_tokens, max_seqs, width = 32, 8, 128, 512, 16, 320  # width: up to 5120 keys per sequence
+    G, dev = H // Hkv, "cuda"
+    bm = prefill_table_block_m(H, Hkv, D)
+    cap = prefill_table_capacity(max_tokens, max_seqs, G, bm)
+    NB = max(sum(-(-(c + n) // BS) for c, n in m) for m in MIXES) + 3
+    kc = torch.zeros(NB, BS, Hkv, D, dtype=torch.bfloat16, device=dev)
+    vc = torch.zeros_like(kc)
+    q = torch.zeros(max_tokens, H, D, dtype=torch.bfloat16, device=dev)
+    out = torch.empty_like(q)
+    tables = torch.zeros(max_seqs, width, dtype=torch.int32, device=dev)
+    seq_lens = torch.zeros(max_seqs, dtype=torch.int32, device=dev)
+    cu_q = torch.zeros(max_seqs + 1, dtype=torch.int32, device=dev)
+    work = torch.full((cap, 2), -1, dtype=torch.int32, device=dev)  # all padding while warming up / capturing
+    scale = D ** -0.5
+
+    def step(o=out):
+        return paged_attention_table(q, kc, vc, tables, seq_lens, cu_q, work, scale, window, backend="triton", out=o)
+
+    graph = capture(step)
+    for i, seqs in enumerate(MIXES):
+        c = make(seqs, seed=30 + i, width=width, num_blocks=NB)
+        B, T = len(seqs), c["q"].shape[0]
+        kc.copy_(c["k_cache"])
+        vc.copy_(c["v_cache"])
+        q.normal_()  # padding rows past T hold junk
+        q[:T] = c["q"]
+        tables.zero_()
+        tables[:B] = c["block_tables"]
+        seq_lens.zero_()
+        seq_lens[:B] = c["seq_lens"]
+        cu = list(itertools.accumulate([0, *c["query_lens"]]))
+        cu_q.copy_(torch.tensor(cu + [T] * (max_seqs - B), dtype=torch.int32))
+        work.copy_(prefill_work_table(c["query_lens"], G, bm, cap))
+        out.fill_(float("nan"))
+        graph.replay()
+        assert out[T:].isnan().all(), f"replay {i} wrote a padding row"
+        check(out[:T], run(c, "ref", window))
+        eager = step(torch.full_like(out, float("nan")))
+        assert torch.equal(out[:T], eager[:T]), f"graph replay {i} differs from eager"

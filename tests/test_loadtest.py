@@ -16,13 +16,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 fastapi = pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
 
-from loadtest.cli import main  # noqa: E402
+from loramux.loadtest.cli import main
 
 TTFT, ITL = 0.05, 0.02  # the fake server's delay before the first token and between tokens (s)
 BASE = "fake-base"

@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from loadtest.client import RequestRecord  # noqa: E402
-from loadtest.metrics import meets_slo, parse_goodput, stats_ms, summarize  # noqa: E402
-from loadtest.report import compare, format_table  # noqa: E402
-from loadtest.safetensors_io import BF16Array, save_file, serialize  # noqa: E402
-from loadtest.workload import adapter_probs, arrival_times, build_workload, parse_adapter_dist  # noqa: E402
+from loramux.loadtest.client import RequestRecord
+from loramux.loadtest.metrics import meets_slo, parse_goodput, stats_ms, summarize
+from loramux.loadtest.report import compare, format_table
+from loramux.loadtest.safetensors_io import BF16Array, save_file, serialize
+from loramux.loadtest.workload import adapter_probs, arrival_times, build_workload, parse_adapter_dist
 
 ADS = [f"a{i}" for i in range(5)]
 

@@ -13,7 +13,7 @@ from loramux.server.engine.request import Request, SamplingParams
 from loramux.server.engine.scheduler import ScheduledBatch
 from loramux.server.runner import cuda_graphs
 from loramux.server.runner.model_runner import ModelRunner
-from loramux.server.runner.step_inputs import HostStaging, Layout, views
+from loramux.server.runner.step_inputs import HostStaging, Layout, pack, views
 
 BS, NUM_SLOTS = 4, 3
 
@@ -104,7 +104,7 @@ def test_eager_inputs_equal_per_tensor_construction(kind, lora):
 def test_views_are_16_byte_aligned_and_disjoint():
     rng = random.Random(1)
     for _ in range(200):
-        lay = Layout(*(rng.randint(0, 9) for _ in range(5)))
+        lay = Layout(*(rng.randint(0, 9) for _ in range(6)))
         buf = torch.empty(lay.words, dtype=torch.int64)
         t = views(buf, lay)
         spans = []
@@ -115,6 +115,39 @@ def test_views_are_16_byte_aligned_and_disjoint():
         spans.sort()
         assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
         assert not spans or spans[-1][1] <= buf.data_ptr() + lay.words * 8
+
+
+def test_mixed_step_sections_pad_to_the_bucket():
+    """Layout with E > 0 (mixed-step graphs): real rows as the eager packing, then padding; cu_q repeats its last
+    value for padding sequences; the work table is prefill_work_table's for the real query lengths."""
+    pytest.importorskip("triton")
+    from loramux.kernels.attention import prefill_work_table
+
+    rng = random.Random(3)
+    for _ in range(50):
+        lora = rng.random() < 0.5
+        runner = fake_runner(lora)
+        host, _ = ModelRunner._host_inputs(runner, random_batch(rng, "mixed", adapters=lora))
+        ids, pos, slots, tables, seq_lens, qlens, rows, tok = host
+        T, B, W, G, bm = len(ids) + rng.randint(0, 9), len(seq_lens) + rng.randint(0, 4), 16, 2, 16
+        E = -(-T * G // bm) + B
+        lay = Layout(T, B, B, T, W, E)
+        buf = torch.full((lay.words,), -7, dtype=torch.int64)
+        pack(buf.numpy(), lay, host, scratch_slot=99, attn_tiles=(G, bm))
+        t = views(buf, lay)
+        n, m = len(ids), len(seq_lens)
+        assert t.ids[:n].tolist() == ids and not t.ids[n:].any()
+        assert t.slot_mapping[:n].tolist() == slots and (t.slot_mapping[n:] == 99).all()
+        assert t.logits_indices[:len(rows)].tolist() == rows and not t.logits_indices[len(rows):].any()
+        assert t.seq_lens[:m].tolist() == seq_lens and (t.seq_lens[m:] == 1).all()
+        want_slots = (tok if tok is not None else []) + [-1] * (T - (len(tok) if tok is not None else 0))
+        assert t.token_slots.tolist() == want_slots
+        cu = [0]
+        for q in qlens:
+            cu.append(cu[-1] + q)
+        assert t.cu_q.tolist() == cu + [cu[-1]] * (B - m)
+        assert torch.equal(t.work, prefill_work_table(qlens, G, bm, E).view(E, 2))
+        assert (t.work[:, 0] < m).all() and ((t.work[:, 0] >= 0) | (t.work == -1).all(1)).all()
 
 
 class OldStatic:

@@ -70,7 +70,8 @@ def make_engine(args, cfg, svc: AdapterService):
     engine = build_engine(None, cfg, model_dtype(args), dev, max_len, blocks, sched, [], kernel_backend="auto")
     attach_adapters(engine, svc, async_copies=False if args.sync_adapter_copies else None)
     if not args.enforce_eager and dev.type == "cuda":
-        engine.runner.enable_cuda_graphs(args.max_num_seqs)
+        engine.runner.enable_cuda_graphs(args.max_num_seqs,
+                                         args.max_num_batched_tokens if args.mixed_graphs == "on" else 0)
     if dev.type == "cuda":  # as the server does: no Triton compile inside a measured run
         warm_up_kernels(engine.runner, args.max_num_batched_tokens)
     return engine
@@ -196,6 +197,8 @@ def main(argv=None) -> dict:
                    help="disk loads in worker processes (0: threads of this process)")
     p.add_argument("--cpu-cache", choices=("pinned", "pageable"), default="pageable",
                    help="page-locked CPU cache, or pageable with uploads staged through pinned buffers")
+    p.add_argument("--mixed-graphs", choices=("on", "off"), default="on",
+                   help="CUDA graphs for steps with prompt tokens too (as the server), not only pure decode steps")
     p.add_argument("--packed-cache", choices=("on", "off"), default="on",
                    help="packed adapter files on disk (as the server: a reload maps the file the first load wrote)")
     p.add_argument("--closed-loop-only", action="store_true", help="stop after the two closed-loop runs")

@@ -19,3 +19,6 @@ class ForwardContext:
     lora_meta: Any = None  # kernels.lora.LoRAMeta, or None when no token uses an adapter
     lora_backend: str = "torch"
     max_seq_len: int = 0  # static bound on seq_lens (graph-safe decode kernels size their grid by it)
+    # Mixed-step CUDA graphs (runner/mixed_graphs.py): attention reads its work from these instead of host lists
+    attn_cu_q: torch.Tensor | None = None  # [B+1] int32 cumulative query starts
+    attn_work: torch.Tensor | None = None  # [E, 2] int32 (sequence, row tile) per program; (-1, -1) = padding

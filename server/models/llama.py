@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from loramux.kernels import fused_ops
-from loramux.kernels.attention import paged_attention, write_kv
+from loramux.kernels.attention import paged_attention, paged_attention_table, write_kv
 from loramux.kernels.rope_kv import rope_write_kv
 
 from .forward_context import ForwardContext
@@ -49,8 +49,12 @@ class DecoderLayer(nn.Module):
             v = v.reshape(T, cfg.num_kv_heads, cfg.head_dim)
             q, k = self.rope(ctx.positions, q, k)
             write_kv(k, v, kv[0], kv[1], ctx.slot_mapping)
-        attn = paged_attention(q, kv[0], kv[1], ctx.block_tables, ctx.seq_lens, ctx.seq_lens_list,
-                               ctx.query_lens, self.scale, cfg.sliding_window)
+        if ctx.attn_work is not None:  # a mixed-step graph: no host lists, the launch reads a device work table
+            attn = paged_attention_table(q, kv[0], kv[1], ctx.block_tables, ctx.seq_lens, ctx.attn_cu_q,
+                                         ctx.attn_work, self.scale, cfg.sliding_window, backend="triton")
+        else:
+            attn = paged_attention(q, kv[0], kv[1], ctx.block_tables, ctx.seq_lens, ctx.seq_lens_list,
+                                   ctx.query_lens, self.scale, cfg.sliding_window)
         return self.o_proj(attn.reshape(T, cfg.q_size), ctx)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

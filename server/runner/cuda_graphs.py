@@ -14,6 +14,21 @@ log = logging.getLogger("loramux.graphs")
 FULL_TABLE_BYTES = 1 << 19  # block tables [bmax, max_blocks] int32 up to this size travel in the step's one copy
 
 
+def capture_graph(fn, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """Run fn twice on a side stream (Triton compiles and lazy initialisation stay out of the capture), then
+    capture it -> (graph, its output tensor, rewritten by each replay)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph, out
+
+
 def default_buckets(max_num_seqs: int) -> list[int]:
     sizes = [1, 2, 4, 8] + list(range(16, 257, 16))
     return [b for b in sizes if b < max_num_seqs] + [max_num_seqs]
@@ -73,16 +88,7 @@ class DecodeGraphs:
         variants = (False, True) if self.runner.lora_slots is not None else (False,)
         for b in reversed(self.buckets):
             for lora in variants:
-                stream = torch.cuda.Stream()
-                stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(stream):
-                    for _ in range(2):  # warm-up: Triton autotuning / lazy init outside the capture
-                        self._forward(b, lora)
-                torch.cuda.current_stream().wait_stream(stream)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool):
-                    out = self._forward(b, lora)
-                self.graphs[(b, lora)] = (graph, out)
+                self.graphs[(b, lora)] = capture_graph(lambda: self._forward(b, lora), self.pool)
         torch.cuda.synchronize()
         log.info("captured %d decode CUDA graphs (batch sizes %s) in %.1fs", len(self.graphs), self.buckets,
                  time.monotonic() - t0)

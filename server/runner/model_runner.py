@@ -55,6 +55,7 @@ class ModelRunner:
         self.sync_timing = False  # engine benchmark: sync after the forward so last_forward_s is the forward alone
         self.max_model_len = max_model_len
         self.graphs = None  # cuda_graphs.DecodeGraphs once enable_cuda_graphs() ran
+        self.mixed_graphs = None  # mixed_graphs.MixedGraphs: steps with prefill tokens, when enabled
         from loramux.kernels.lora import resolve_backend
 
         self.kernel_backend = resolve_backend(kernel_backend, self.device)  # once, not per layer call
@@ -65,12 +66,22 @@ class ModelRunner:
     def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
         return 2 * cfg.num_layers * block_size * cfg.kv_size * torch.tensor([], dtype=dtype).element_size()
 
-    def enable_cuda_graphs(self, max_num_seqs: int) -> None:
-        """Capture decode graphs (CUDA only); call after LoRA slots are attached."""
+    def enable_cuda_graphs(self, max_num_seqs: int, max_num_batched_tokens: int = 0) -> None:
+        """Capture decode graphs and, with max_num_batched_tokens > 0, graphs for steps of up to that many tokens
+        (prefill chunks and decode rows mixed; runner/mixed_graphs.py). CUDA only; call after LoRA slots are
+        attached."""
         from .cuda_graphs import DecodeGraphs, default_buckets
+        from .mixed_graphs import MixedGraphs, default_token_buckets
 
         self.graphs = DecodeGraphs(self, default_buckets(max_num_seqs), scratch_block=self.num_blocks)
         self.graphs.capture()
+        if max_num_batched_tokens > 0 and not MixedGraphs.fits(max_num_seqs, self.max_blocks_per_seq):
+            log.info("no mixed-step CUDA graphs: block tables of %d sequences x %d blocks are too wide to copy per "
+                     "step", max_num_seqs, self.max_blocks_per_seq)
+        elif max_num_batched_tokens > 0:
+            self.mixed_graphs = MixedGraphs(self, default_token_buckets(max_num_batched_tokens, max_num_seqs),
+                                            max_num_seqs, scratch_block=self.num_blocks)
+            self.mixed_graphs.capture(self.graphs.pool)
 
     def _prepare(self, batch: ScheduledBatch, all_logits: bool = False):
         """-> (input_ids [T], ForwardContext, indices of requests to sample, per-token adapter slots or None)."""
@@ -143,11 +154,16 @@ class ModelRunner:
         # A decode step (one token per sequence) that fits a bucket replays a graph: its inputs go straight into the
         # graph's static buffer, and no LoRA meta is built here (the graph rebuilds it).
         staged = self.graphs.stage(host) if self.graphs is not None and len(host[0]) == n else None
-        if staged is None:
+        mixed = None
+        if staged is None and self.mixed_graphs is not None:  # prefill tokens: a mixed-step graph if one fits
+            mixed = self.mixed_graphs.stage(host)
+        if staged is None and mixed is None:
             input_ids, ctx, _ = self.prepare_host(host)
         t0 = time.perf_counter()
         if staged is not None:
             logits = self.graphs.replay(*staged, n)  # every row is sampled
+        elif mixed is not None:
+            logits = self.mixed_graphs.replay(*mixed, len(host[6]))
         else:
             hidden = self.model(input_ids, ctx, self.kv_caches)
             logits = self.model.compute_logits(hidden[ctx.logits_indices]) if sample_idx else None

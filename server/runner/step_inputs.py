@@ -3,9 +3,12 @@
 Layout of the int64 buffer (every section starts 16-byte aligned: Triton specializes kernels on pointer alignment,
 so unaligned views would compile extra variants):
   int64: ids [T], positions [T], slot_mapping [T], logits_indices [L]
-  int32: seq_lens [B], token_slots [TL] (TL = T when some token has an adapter, else 0), block_tables [B, W]
+  int32: seq_lens [B], token_slots [TL] (TL = T when some token has an adapter, else 0), block_tables [B, W],
+         and for mixed-step graphs (E > 0) cu_q [B+1] and the attention work table [E, 2] (kernels/attention.py
+         paged_attention_table)
 Rows past the host lists are padding (CUDA-graph buckets): id 0, position 0, KV slot `scratch_slot`, seq_len 1,
-token slot -1 (no adapter), zero block-table entries (also the columns past a row's blocks).
+token slot -1 (no adapter), zero block-table entries (also the columns past a row's blocks), no query tokens
+(cu_q repeats its last value), work entries (-1, -1).
 """
 from __future__ import annotations
 
@@ -23,16 +26,19 @@ class Layout:
     """Offsets of one packed step: int64 sections in int64 words; int32 sections in int32 elements counted from
     word `i32`; `words` = buffer length."""
 
-    __slots__ = ("T", "L", "B", "TL", "W", "pos", "slots", "logits", "i32", "token_slots", "tables", "words")
+    __slots__ = ("T", "L", "B", "TL", "W", "E", "pos", "slots", "logits", "i32", "token_slots", "tables", "cu_q",
+                 "work", "words")
 
-    def __init__(self, T: int, L: int, B: int, TL: int, W: int):
-        self.T, self.L, self.B, self.TL, self.W = T, L, B, TL, W
+    def __init__(self, T: int, L: int, B: int, TL: int, W: int, E: int = 0):
+        self.T, self.L, self.B, self.TL, self.W, self.E = T, L, B, TL, W, E
         t = _up(T, 2)  # ids start at word 0
         self.pos, self.slots, self.logits = t, 2 * t, 3 * t
         self.i32 = self.logits + _up(L, 2)
         self.token_slots = _up(B, 4)  # seq_lens start at int32 0
         self.tables = self.token_slots + _up(TL, 4)
-        self.words = self.i32 + _up(self.tables + B * W, 4) // 2
+        self.cu_q = self.tables + _up(B * W, 4)
+        self.work = self.cu_q + (_up(B + 1, 4) if E else 0)
+        self.words = self.i32 + _up(self.work + 2 * E, 4) // 2
 
 
 def host_layout(host) -> Layout:
@@ -48,10 +54,11 @@ def _put(a: np.ndarray, off: int, size: int, vals, pad: int) -> None:
     a[off + n:off + size] = pad
 
 
-def pack(buf: np.ndarray, lay: Layout, host, scratch_slot: int = 0) -> None:
+def pack(buf: np.ndarray, lay: Layout, host, scratch_slot: int = 0, attn_tiles: tuple[int, int] | None = None) -> None:
     """Write host lists (ids, positions, KV slots, block tables [B][w], seq lens, query lens, logit rows, token
-    slots or None) into buf (int64 [lay.words]), padding every section to the layout's size."""
-    ids, pos, slots, tables, seq_lens, _, logit_rows, token_lora = host
+    slots or None) into buf (int64 [lay.words]), padding every section to the layout's size. With lay.E > 0 also
+    cu_q and the attention work table, for attn_tiles = (query heads per KV head, the table launch's BLOCK_M)."""
+    ids, pos, slots, tables, seq_lens, query_lens, logit_rows, token_lora = host
     _put(buf, 0, lay.T, ids, 0)
     _put(buf, lay.pos, lay.T, pos, 0)
     _put(buf, lay.slots, lay.T, slots, scratch_slot)
@@ -66,6 +73,13 @@ def pack(buf: np.ndarray, lay: Layout, host, scratch_slot: int = 0) -> None:
         tab[:m, :w] = tables
     tab[:m, w:] = 0
     tab[m:] = 0
+    if lay.E:
+        from loramux.kernels.attention import prefill_work_table
+
+        cu = np.cumsum(query_lens) if len(query_lens) else np.zeros(0, dtype=np.int64)
+        i32[lay.cu_q] = 0
+        _put(i32, lay.cu_q + 1, lay.B, cu, cu[-1] if len(cu) else 0)
+        prefill_work_table(query_lens, *attn_tiles, lay.E, out=torch.from_numpy(i32[lay.work:lay.work + 2 * lay.E]))
 
 
 class StepTensors(NamedTuple):
@@ -76,6 +90,8 @@ class StepTensors(NamedTuple):
     seq_lens: torch.Tensor  # [B] int32
     token_slots: torch.Tensor | None  # [TL] int32, None when TL == 0
     block_tables: torch.Tensor  # [B, W] int32
+    cu_q: torch.Tensor | None = None  # [B+1] int32 cumulative query starts (mixed-step graphs only)
+    work: torch.Tensor | None = None  # [E, 2] int32 attention work table (mixed-step graphs only)
 
 
 def views(buf: torch.Tensor, lay: Layout) -> StepTensors:
@@ -84,7 +100,9 @@ def views(buf: torch.Tensor, lay: Layout) -> StepTensors:
     return StepTensors(buf[:T], buf[lay.pos:lay.pos + T], buf[lay.slots:lay.slots + T],
                        buf[lay.logits:lay.logits + lay.L], i32[:lay.B],
                        i32[lay.token_slots:lay.token_slots + lay.TL] if lay.TL else None,
-                       i32[lay.tables:lay.tables + lay.B * lay.W].view(lay.B, lay.W))
+                       i32[lay.tables:lay.tables + lay.B * lay.W].view(lay.B, lay.W),
+                       i32[lay.cu_q:lay.cu_q + lay.B + 1] if lay.E else None,
+                       i32[lay.work:lay.work + 2 * lay.E].view(lay.E, 2) if lay.E else None)
 
 
 class HostStaging:
@@ -116,11 +134,12 @@ class HostStaging:
             self._arrays[i] = self._bufs[i].numpy()
         return self._bufs[i][:words], self._arrays[i][:words]
 
-    def stage(self, lay: Layout, host, scratch_slot: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
+    def stage(self, lay: Layout, host, scratch_slot: int = 0, out: torch.Tensor | None = None,
+              attn_tiles: tuple[int, int] | None = None) -> torch.Tensor:
         """Pack host lists by `lay` and copy them (one copy) into `out` (int64 [lay.words] on the device) or a new
         device buffer; -> the device buffer (on CPU without `out`: the packed host buffer itself)."""
         buf, arr = self._acquire(lay.words)
-        pack(arr, lay, host, scratch_slot)
+        pack(arr, lay, host, scratch_slot, attn_tiles)
         if out is None:
             if self.device.type == "cpu":
                 return buf
