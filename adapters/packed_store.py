@@ -90,9 +90,17 @@ class PackedStore:
         with self._lock:
             return sum(size for size, _ in self._files.values())
 
+    def key(self, folder: Path) -> str | None:
+        """The key the folder's files have now (None when a file is missing)."""
+        return fingerprint(folder, self.spec, self.dtype)
+
+    def __contains__(self, key: str) -> bool:
+        with self._lock:
+            return key in self._files
+
     def load(self, folder: Path, adapter_id: str | None) -> tuple[LoadedAdapter | None, str | None]:
         """(the adapter mapped from its packed file, key) on a hit; (None, key to save() under) on a miss."""
-        key = fingerprint(folder, self.spec, self.dtype)
+        key = self.key(folder)
         if key is None:
             return None, None
         with self._lock:
@@ -151,7 +159,7 @@ class PackedStore:
         p = adapter.packed
         if key is None or p is None or not isinstance(adapter.weights, PackedViews) or self.max_bytes <= 0:
             return False
-        if fingerprint(folder, self.spec, self.dtype) != key:
+        if self.key(folder) != key:
             return False  # the files changed while they were read
         meta = {"size": p.buffer.numel(), "num_layers": p.num_layers,
                 "layout": [(k, name, off, str(dt).replace("torch.", ""), list(shape)) for k, name, off, dt, shape

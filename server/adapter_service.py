@@ -109,7 +109,7 @@ class AdapterService(SlotGate):
         reg = self.store.registry(ref.tenant, create=True)
         reg.add_files(ref.adapter_id, config_bytes, weights_bytes, ref.tenant, self.spec, overwrite=replace,
                       tokenizer_config=tokenizer_config)
-        return self._published(ref, tenant)
+        return self._uploaded(ref, tenant)
 
     def staging_dir(self) -> Path:
         """A fresh temporary folder in the store's filesystem for a streamed upload (see upload_staged)."""
@@ -127,7 +127,14 @@ class AdapterService(SlotGate):
             shutil.rmtree(staged, ignore_errors=True)
             raise
         reg.add_staged(ref.adapter_id, staged, ref.tenant, self.spec, overwrite=replace)
-        return self._published(ref, tenant)
+        return self._uploaded(ref, tenant)
+
+    def _uploaded(self, ref: Ref, tenant: str | None) -> dict:
+        out = self._published(ref, tenant)
+        key = self.store.key(ref)
+        if key is not None:
+            self.loader.prepack(key)  # its first request then maps the packed file instead of converting
+        return out
 
     def _published(self, ref: Ref, tenant: str | None = None) -> dict:
         """After a new version: unheld older versions leave the disk and every tier; held ones stay."""

@@ -198,3 +198,23 @@ def test_service_removes_packed_files_of_deleted_and_replaced_versions(world, tm
         assert st["packed_writes_total"] == 2 and st["packed_evictions_total"] == 0
     finally:
         svc.close()
+
+
+def test_upload_writes_the_packed_form_before_the_first_request(world, tmp_path):
+    from loramux.server.adapter_service import AdapterService
+
+    raw, adapters, _ = world
+    svc = AdapterService(tmp_path / "reg", raw, torch.float32, 2, 16, 4, packed_dir=tmp_path / "packed",
+                         max_packed_bytes=1 << 30)
+    try:
+        path = next(iter(adapters.values()))
+        cfg, weights = (path / "adapter_config.json").read_bytes(), (path / "adapter_model.safetensors").read_bytes()
+        svc.upload("mine", cfg, weights)
+        _wait_for(lambda: svc.stats()["packed_files"] == 1)
+        fresh = load_adapter(path, svc.spec, torch.float32)
+        got = svc.loader.get_blocking(svc.resolve("mine"), timeout=60)  # the first request's load: a map
+        _same(got, fresh)
+        phases = svc.loader.phase_seconds
+        assert phases["map"] > 0 and phases["read"] == 0 and svc.stats()["packed_hits_total"] == 1
+    finally:
+        svc.close()
