@@ -66,9 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
           "worker processes hold the other shards (NCCL on CUDA, gloo on CPU)", 1, int)
     s.add_argument("--enforce-eager", action="store_true", default=_bool_env("enforce-eager"),
                    help="run every step eagerly instead of replaying CUDA graphs [env LORAMUX_ENFORCE_EAGER]")
-    s.add_argument("--no-mixed-step-graphs", action="store_true", default=_bool_env("no-mixed-step-graphs"),
-                   help="capture CUDA graphs for pure decode steps only; steps with prompt tokens then run eagerly "
-                        "[env LORAMUX_NO_MIXED_STEP_GRAPHS]")
+    s.add_argument("--mixed-step-graphs", action="store_true", default=_bool_env("mixed-step-graphs"),
+                   help="also capture CUDA graphs for steps with prompt tokens, per token bucket up to "
+                        "--max-num-batched-tokens (new: not yet measured on a GPU) [env LORAMUX_MIXED_STEP_GRAPHS]")
     s.add_argument("--sync-adapter-copies", action="store_true", default=_bool_env("sync-adapter-copies"),
                    help="copy adapters into GPU slots synchronously on the engine thread instead of on a side CUDA "
                         "stream overlapped with decoding [env LORAMUX_SYNC_ADAPTER_COPIES]")
@@ -125,7 +125,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_cpu_lora_bytes=args.max_cpu_lora_bytes, max_adapter_wait_steps=args.max_adapter_wait_steps,
         max_adapter_bytes=args.max_adapter_bytes,
         kernel_backend=args.kernel_backend, tensor_parallel_size=args.tensor_parallel_size,
-        enforce_eager=args.enforce_eager, mixed_step_graphs=not args.no_mixed_step_graphs,
+        enforce_eager=args.enforce_eager, mixed_step_graphs=args.mixed_step_graphs,
         sync_adapter_copies=args.sync_adapter_copies, demo_adapters=not args.no_demo_adapters,
         adapter_load_processes=args.adapter_load_processes, pin_adapter_cache=args.pin_adapter_cache,
         max_packed_adapter_bytes=args.max_packed_adapter_bytes,

@@ -52,7 +52,7 @@ def run_ours(args, cfg, n_adapters: int, bw: float, adapters: list) -> dict:
     for ad in adapters:
         svc.cache.put(ad.adapter_id, ad)  # straight into the CPU tier: the gate copies them into GPU slots
     if not args.enforce_eager:
-        engine.runner.enable_cuda_graphs(args.batch, sched.max_num_batched_tokens)
+        engine.runner.enable_cuda_graphs(args.batch)
     g = torch.Generator().manual_seed(0)
     warm = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
     for i in range(args.batch):  # warm-up: Triton JIT compiles and adapter slot loads stay out of the timing
