@@ -20,6 +20,7 @@ import json
 import logging
 import mmap
 import os
+import shutil
 import struct
 import threading
 import time
@@ -67,7 +68,8 @@ def _read_meta(path: Path) -> dict:
 
 class PackedStore:
     def __init__(self, root: Path, spec: BaseModelSpec, dtype: torch.dtype, max_bytes: int):
-        self.root, self.spec, self.dtype, self.max_bytes = Path(root), spec, dtype, max_bytes
+        """max_bytes < 0: half the free space of root's file system at start, plus what the files there hold."""
+        self.root, self.spec, self.dtype = Path(root), spec, dtype
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._files: dict[str, tuple[int, float]] = {}  # key -> (bytes, last use, wall clock)
@@ -80,6 +82,7 @@ class PackedStore:
                 self._files[p.stem] = (st.st_size, st.st_mtime)
                 self._folders[p.stem] = _read_meta(p).get("folder", "")
         self.hits = self.misses = self.writes = self.evictions = self.errors = 0
+        self.max_bytes = max_bytes if max_bytes >= 0 else shutil.disk_usage(self.root).free // 2 + self.nbytes
         self._evict()
 
     def _path(self, key: str) -> Path:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import threading
 from pathlib import Path
 
@@ -24,14 +23,11 @@ FORBIDDEN = 403
 
 
 def packed_store(root: Path | None, max_bytes: int, spec: BaseModelSpec, dtype: torch.dtype) -> PackedStore | None:
-    """The on-disk packed-form cache (adapters/packed_store.py), or None when root is None or max_bytes is 0.
-    max_bytes < 0: half the free space of root's file system at start (plus what the cache already holds)."""
+    """The on-disk packed-form cache (adapters/packed_store.py), or None when root is None or max_bytes is 0;
+    max_bytes < 0 sizes it from the free disk space (PackedStore)."""
     if root is None or max_bytes == 0:
         return None
-    Path(root).mkdir(parents=True, exist_ok=True)
-    store = PackedStore(Path(root), spec, dtype, max(max_bytes, 0) or (1 << 62))
-    if max_bytes < 0:
-        store.max_bytes = shutil.disk_usage(root).free // 2 + store.nbytes
+    store = PackedStore(Path(root), spec, dtype, max_bytes)
     log.info("packed adapter cache %s: %.1f GiB held, bound %.1f GiB", root, store.nbytes / 2**30,
              store.max_bytes / 2**30)
     return store

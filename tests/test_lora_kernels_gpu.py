@@ -132,17 +132,10 @@ def test_all_tokens_without_adapter():
 
 
 def capture(step) -> torch.cuda.CUDAGraph:
-    """Run step twice on a side stream (Triton compiles outside capture), then capture it in a graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph
+    """step captured in a graph after two warm-up runs on a side stream (the runner's own capture_graph)."""
+    from loramux.server.runner.cuda_graphs import capture_graph
+
+    return capture_graph(step, None)[0]
 
 
 @pytest.mark.parametrize("T", [1, 64, 256])

@@ -3,6 +3,7 @@ gives; changed files, another model or dtype miss; the disk bound holds; damaged
 from __future__ import annotations
 
 import os
+import shutil
 import time
 import pytest
 import torch
@@ -111,6 +112,8 @@ def test_disk_bound_evicts_least_recently_used_and_restart_keeps_files(world, tm
     again = PackedStore(tmp_path / "packed", spec, torch.float32, 2 * size + size // 2)
     assert again.stats()["files"] == 2 and not (tmp_path / "packed" / ".tmp-crashed").exists()
     _same(again.load(folders[3], None)[0], loaded[3])
+    auto = PackedStore(tmp_path / "packed", spec, torch.float32, -1)  # half the free space + what is held
+    assert auto.max_bytes >= auto.nbytes + shutil.disk_usage(tmp_path).free // 3 and auto.stats()["files"] == 2
     tiny = PackedStore(tmp_path / "tiny", spec, torch.float32, size // 2)
     assert not tiny.save(folders[0], tiny.load(folders[0], None)[1], loaded[0])
 
