@@ -2,7 +2,7 @@
 # One GPU session's standard measurements: the GPU tests, then every benchmark whose numbers docs/performance.md
 # records, each writing JSON under OUT. Two parts, each under the device tool's 10-minute limit per call:
 #   OUT=/some/dir bash loadtest/bench/gpu_suite.sh core   # GPU tests, decode, LoRA kernel grid, prefill (~6 min)
-#   OUT=/some/dir bash loadtest/bench/gpu_suite.sh many   # 1,000 adapters on 64 slots (~3 min)
+#   OUT=/some/dir bash loadtest/bench/gpu_suite.sh many   # 1,000 adapters on 64 slots + baseline (~6 min)
 #   (no argument: both)
 # Run from the repository root with the package importable (pip install -e . or PYTHONPATH, see DESIGN.md §9).
 set -u
@@ -12,8 +12,8 @@ step() { local t=$1; shift; echo "== $*"; SECONDS=0; timeout "$t" "$@"; echo "==
 B=loramux.loadtest.bench
 PART=${1:-all}
 if [ "$PART" != many ]; then
-step 200 python -m pytest -q -m gpu tests/test_engine_gpu.py tests/test_fused_ops_gpu.py \
-    tests/test_many_adapters_gpu.py -p no:cacheprovider
+step 230 python -m pytest -q -m gpu tests/test_engine_gpu.py tests/test_fused_ops_gpu.py \
+    tests/test_many_adapters_gpu.py tests/test_attention_kernels_gpu.py -p no:cacheprovider
 step 100 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 0,1,8,32 --skip-hf \
     --json "$OUT/decode_b32.json"
 step 70 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 64 --adapters 0,64 --max-loras 64 --skip-hf \
@@ -22,7 +22,10 @@ step 120 python -m $B.bench_lora_kernels --grid --ranks 8,16,64 --json "$OUT/lor
 step 70 python -m $B.bench_prefill --shape llama3-8b --prompt-len 2048 --json "$OUT/prefill.json"
 fi
 if [ "$PART" != core ]; then
-    step 180 python -m $B.bench_many_adapters --shape llama3-8b --adapters 1000 --ranks 8,16,32,64 --zipf 1.0 \
-        --max-loras 64 --max-cpu-loras 256 --max-cpu-lora-bytes 24000000000 --load 0.9 --duration 20 \
-        --saturation-seconds 10 --json "$OUT/many.json"
+    MANY="--shape llama3-8b --adapters 1000 --ranks 8,16,32,64 --zipf 1.0 --max-loras 64 --max-cpu-loras 256
+        --max-cpu-lora-bytes 24000000000 --load 0.9 --duration 20 --saturation-seconds 10"
+    # the server's paths (packed adapter files on), with mixed-step graphs; then the session-3 baseline
+    step 240 python -m $B.bench_many_adapters $MANY --mixed-graphs on --json "$OUT/many.json"
+    step 140 python -m $B.bench_many_adapters $MANY --packed-cache off --mixed-graphs off --closed-loop-only \
+        --json "$OUT/many_baseline.json"
 fi
