@@ -221,3 +221,13 @@ def test_upload_writes_the_packed_form_before_the_first_request(world, tmp_path)
         assert phases["map"] > 0 and phases["read"] == 0 and svc.stats()["packed_hits_total"] == 1
     finally:
         svc.close()
+
+
+def test_load_path_bench_smoke(tmp_path):
+    """loadtest/bench/bench_adapter_loads.py on the tiny shape: every path runs and reports a time."""
+    from loramux.loadtest.bench.bench_adapter_loads import measure
+    from loramux.server.models.shapes import shape_config
+
+    row = measure(shape_config("tiny").raw, 4, tmp_path, repeat=2)
+    assert row["packed_mb"] > 0 and row["mapped_over_folder"] > 0
+    assert all(row[k] > 0 for k in ("folder_load_ms", "mapped_load_ms", "stage_from_fresh_ms", "map_and_stage_ms"))
