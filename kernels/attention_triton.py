@@ -228,11 +228,3 @@ def cu_seqlens(query_lens: list[int], device) -> torch.Tensor:
 
 _CU_CACHE: dict = {}
 
-
-def __getattr__(name: str):
-    """prefill moved to attention_prefill_triton (which imports this module's helpers); old callers keep working."""
-    if name == "prefill":
-        from .attention_prefill_triton import prefill
-
-        return prefill
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

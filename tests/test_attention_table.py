@@ -186,15 +186,6 @@ def test_table_launch_rejects_bad_tables():
         paged_attention_table(*args, torch.zeros(4, 2, dtype=torch.int32), 1.0, backend="torch")
 
 
-@needs_triton
-def test_prefill_still_reachable_from_attention_triton():
-    from loramux.kernels import attention_prefill_triton, attention_triton
-
-    assert attention_triton.prefill is attention_prefill_triton.prefill
-    with pytest.raises(AttributeError):
-        attention_triton.no_such_name  # noqa: B018
-
-
 @pytest.mark.skipif(not HAS_TRITON or INTERPRET, reason="triton missing, or Triton cases already run in-process")
 def test_triton_interpreter_suite():
     """Re-runs every Triton case of this file under TRITON_INTERPRET=1 in a fresh interpreter."""
