@@ -1,7 +1,9 @@
 """Multi-LoRA public API: per-step metadata (tokens grouped by slot), shrink/expand/add_lora, backend dispatch."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -178,3 +180,43 @@ def add_lora(y, x, a_stack, b_stack, ranks, scales, slice_offsets, meta, backend
         return
     x, a_stack, b_stack = _tri_layout(x, y, a_stack, b_stack)
     _tri().add_lora(y, x, a_stack, b_stack, ranks, scales, tuple(slice_offsets), meta, split_k, fused)
+
+
+# Opt-in until measured on a GPU: the shrink reads only x, so it can run on a side stream while the base GEMM
+# (which it does not depend on) runs; the expand joins both. Decode shrinks cost ~3-4 us each, mostly fixed latency.
+OVERLAP = os.environ.get("LORAMUX_LORA_OVERLAP", "") == "1"
+
+
+@lru_cache(maxsize=None)
+def _side_stream(device: torch.device):
+    return torch.cuda.Stream(device=device)
+
+
+def lora_linear(x, weight, bias, a_stack, b_stack, ranks, scales, slice_offsets, meta, backend="auto",
+                overlap: bool | None = None) -> torch.Tensor:
+    """-> y = x W^T (+ bias), then add_lora(y, x, ...). overlap (None = OVERLAP): on CUDA with the Triton
+    two-launch path, the shrink runs on a side stream concurrently with the GEMM (fork/join with stream waits,
+    so it is also valid inside CUDA-graph capture, where it becomes a parallel branch). Same results either way."""
+    overlap = OVERLAP if overlap is None else overlap
+    if not (overlap and x.is_cuda and resolve_backend(backend, x.device) == "triton"):
+        y = torch.nn.functional.linear(x, weight, bias)
+        add_lora(y, x, a_stack, b_stack, ranks, scales, slice_offsets, meta, backend)
+        return y
+    L, R = _check(x, a_stack, ranks, meta)
+    ranks, scales = _prep(ranks, scales)
+    x, a_stack, b_stack = _tri_layout(x, None, a_stack, b_stack)
+    tri = _tri()
+    if tri._fused.use_fused(x.shape[0], x.shape[1], R):  # one launch that needs y: nothing to overlap
+        y = torch.nn.functional.linear(x, weight, bias)
+        tri.add_lora(y, x, a_stack, b_stack, ranks, scales, tuple(slice_offsets), meta)
+        return y
+    main, side = torch.cuda.current_stream(x.device), _side_stream(x.device)
+    buf = tri.new_partials(x, a_stack, ranks)  # allocated (and later freed) on the main stream
+    side.wait_stream(main)  # x (and meta) are ready
+    with torch.cuda.stream(side):
+        tri.shrink_partials(x, a_stack, ranks, meta, buf)
+    y = torch.nn.functional.linear(x, weight, bias)
+    _check_expand(y, b_stack, ranks, scales, tuple(slice_offsets), R)
+    main.wait_stream(side)
+    tri.expand(y, buf, b_stack, ranks, scales, tuple(slice_offsets), meta)
+    return y

@@ -174,6 +174,7 @@ def _block_m(T: int) -> int:
     return 16 if T <= 64 else (32 if T <= 256 else 64)
 
 
+@lru_cache(maxsize=4096)  # host ints only; called per linear group per eager step
 def shrink_plan(T: int, K: int, L: int, R: int, device: torch.device, split_k: int | None = None) -> dict:
     """Host-only launch plan (ints derived from shapes, never from device values). parts = split-K partials."""
     bm, br = _block_m(T), min(64, _pow2(R))
@@ -243,10 +244,25 @@ def add_lora(y, x, a_stack, b_stack, ranks, scales, slice_offsets, meta, split_k
     if fused or (fused is None and split_k is None and _fused.use_fused(T, K, R)):
         _fused.fused_add_lora(y, x, a_stack, b_stack, ranks, scales, slice_offsets, meta)
         return
-    plan = shrink_plan(T, K, L, R, x.device, split_k)
-    buf = torch.empty(plan["parts"], T, L * R, dtype=torch.float32, device=x.device)  # only real-rank cells used
-    shrink(x, a_stack, ranks, meta, buf, plan)
+    buf = new_partials(x, a_stack, ranks, split_k)
+    shrink_partials(x, a_stack, ranks, meta, buf, split_k)
     expand(y, buf, b_stack, ranks, scales, slice_offsets, meta)
+
+
+def new_partials(x, a_stack, ranks, split_k: int | None = None) -> torch.Tensor:
+    """Uninitialized fp32 [P, T, L*R] for shrink_partials (only real-rank cells get written and read). Apart
+    from it so a caller can allocate on one stream and run the shrink on another (lora.lora_linear)."""
+    T, K = x.shape
+    L = ranks.shape[1]
+    parts = shrink_plan(T, K, L, a_stack.shape[1] // L, x.device, split_k)["parts"]
+    return torch.empty(parts, T, a_stack.shape[1], dtype=torch.float32, device=x.device)
+
+
+def shrink_partials(x, a_stack, ranks, meta, buf, split_k: int | None = None) -> None:
+    """add_lora's first launch into buf (from new_partials with the same split_k)."""
+    T, K = x.shape
+    L = ranks.shape[1]
+    shrink(x, a_stack, ranks, meta, buf, shrink_plan(T, K, L, a_stack.shape[1] // L, x.device, split_k))
 
 
 from . import lora_fused_triton as _fused  # noqa: E402  (at the end: it imports this module's jit helpers)

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One GPU session's standard measurements: the GPU tests, then every benchmark whose numbers docs/performance.md
-# records, each writing JSON under OUT. Two parts, each under the device tool's 10-minute limit per call:
-#   OUT=/some/dir bash loadtest/bench/gpu_suite.sh core   # GPU tests, decode, LoRA kernel grid, prefill (~6 min)
-#   OUT=/some/dir bash loadtest/bench/gpu_suite.sh many   # 1,000 adapters on 64 slots + baseline (~6 min)
-#   (no argument: both)
+# records, each writing JSON under OUT. Three parts, each under the device tool's 10-minute limit per call:
+#   OUT=/some/dir bash loadtest/bench/gpu_suite.sh core     # GPU tests, decode (+ LoRA overlap), prefill (~7 min)
+#   OUT=/some/dir bash loadtest/bench/gpu_suite.sh many     # 1,000 adapters on 64 slots + baseline (~6 min)
+#   OUT=/some/dir bash loadtest/bench/gpu_suite.sh kernels  # LoRA kernel grid (~2 min)
+#   (no argument: all three)
 # Run from the repository root with the package importable (pip install -e . or PYTHONPATH, see DESIGN.md §9).
 set -u
 OUT=${OUT:-out/gpu-suite}
@@ -11,17 +12,23 @@ mkdir -p "$OUT"
 step() { local t=$1; shift; echo "== $*"; SECONDS=0; timeout "$t" "$@"; echo "== rc=$? in ${SECONDS}s"; }
 B=loramux.loadtest.bench
 PART=${1:-all}
-if [ "$PART" != many ]; then
+if [ "$PART" = core ] || [ "$PART" = all ]; then
 step 230 python -m pytest -q -m gpu tests/test_engine_gpu.py tests/test_fused_ops_gpu.py \
-    tests/test_many_adapters_gpu.py tests/test_attention_kernels_gpu.py -p no:cacheprovider
+    tests/test_many_adapters_gpu.py tests/test_attention_kernels_gpu.py tests/test_lora_overlap_gpu.py \
+    -p no:cacheprovider
 step 100 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 0,1,8,32 --skip-hf \
     --json "$OUT/decode_b32.json"
 step 70 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 64 --adapters 0,64 --max-loras 64 --skip-hf \
     --json "$OUT/decode_b64.json"
-step 120 python -m $B.bench_lora_kernels --grid --ranks 8,16,64 --json "$OUT/lora_grid.json"
+# the same decode with the LoRA shrink on a side stream beside the base GEMM (opt-in until this shows a gain)
+step 70 env LORAMUX_LORA_OVERLAP=1 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 1,32 \
+    --skip-hf --json "$OUT/decode_b32_overlap.json"
 step 70 python -m $B.bench_prefill --shape llama3-8b --prompt-len 2048 --json "$OUT/prefill.json"
 fi
-if [ "$PART" != core ]; then
+if [ "$PART" = kernels ] || [ "$PART" = all ]; then
+step 120 python -m $B.bench_lora_kernels --grid --ranks 8,16,64 --json "$OUT/lora_grid.json"
+fi
+if [ "$PART" = many ] || [ "$PART" = all ]; then
     MANY="--shape llama3-8b --adapters 1000 --ranks 8,16,32,64 --zipf 1.0 --max-loras 64 --max-cpu-loras 256
         --max-cpu-lora-bytes 24000000000 --load 0.9 --duration 20 --saturation-seconds 10"
     # the server's paths (packed adapter files on), with mixed-step graphs; then the session-3 baseline

@@ -54,11 +54,10 @@ class PackedLinear(nn.Module):
         self.lora: LoRAStacks | None = None
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        y = nn.functional.linear(x, self.weight, self.bias)
-        if self.lora is not None and ctx.lora_meta is not None:
-            from loramux.kernels.lora import add_lora
+        if self.lora is None or ctx.lora_meta is None:
+            return nn.functional.linear(x, self.weight, self.bias)
+        from loramux.kernels.lora import lora_linear
 
-            st = self.lora
-            add_lora(y, x, st.a, st.b, st.ranks, st.scales, self.slice_offsets, ctx.lora_meta,
-                     backend=ctx.lora_backend)
-        return y
+        st = self.lora
+        return lora_linear(x, self.weight, self.bias, st.a, st.b, st.ranks, st.scales, self.slice_offsets,
+                           ctx.lora_meta, backend=ctx.lora_backend)
