@@ -97,6 +97,51 @@ def _shrink_kernel(x_ptr, a_ptr, out_ptr, ranks_ptr, sorted_ptr, seg_start_ptr, 
 
 
 @triton.jit
+def _partials_h(h_rows, rr, r_ok, row_ok, T, LR, NUM_PARTS: tl.constexpr):
+    """Sum of the split-K partials in a fixed order (deterministic) -> fp32 [BM, BR]; h_rows: [BM, 1]."""
+    h = tl.load(h_rows + rr[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+    for p in tl.static_range(1, NUM_PARTS):
+        h += tl.load(h_rows + p * T * LR + rr[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+    return h
+
+
+@triton.jit
+def _first_h(h_rows, rank, row_ok, T, LR, NUM_PARTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+             R_TILES: tl.constexpr):
+    """The whole rank's h when it fits one tile (loaded once per program, reused for every column tile)."""
+    h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)  # R_TILES > 1: unused (_lora_delta sums per rank tile)
+    if R_TILES == 1:
+        rr = tl.arange(0, BLOCK_R)
+        h = _partials_h(h_rows, rr, rr < rank, row_ok, T, LR, NUM_PARTS)
+    return h
+
+
+@triton.jit
+def _lora_delta(h, h_rows, b_base, nn, n_ok, rank, row_ok, T, LR, R, NUM_PARTS: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, R_TILES: tl.constexpr,
+                EXACT: tl.constexpr):
+    """sum_j h[m, j] * b[nn, j] over j < rank -> fp32 [BM, BN] (unscaled). With R_TILES == 1, h is the
+    caller's [BM, BR] (loaded once per program); else each rank tile's h is summed here from h_rows."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for ri in range(R_TILES):
+        if ri * BLOCK_R < rank:  # rank tiles past the real rank are skipped
+            rr = ri * BLOCK_R + tl.arange(0, BLOCK_R)
+            r_ok = rr < rank
+            if R_TILES > 1:
+                h2 = _partials_h(h_rows, rr, r_ok, row_ok, T, LR, NUM_PARTS)
+            else:
+                h2 = h
+            bt = tl.load(b_base + nn[:, None] * R + rr[None, :], mask=n_ok[:, None] & r_ok[None, :],
+                         other=0.0).to(tl.float32)  # [BN, BR]
+            # h stays fp32: exact for fp32 models, tf32 (10-bit mantissa, finer than bf16/fp16) otherwise
+            if EXACT:
+                acc += tl.dot(h2, tl.trans(bt), input_precision="ieee")
+            else:
+                acc += tl.dot(h2, tl.trans(bt), input_precision="tf32")
+    return acc
+
+
+@triton.jit
 def _expand_kernel(buf_ptr, b_ptr, y_ptr, ranks_ptr, scales_ptr, sorted_ptr, seg_start_ptr,
                    T, N, R, S, OFF1, OFF2, OFF3, sy_t,
                    L: tl.constexpr, NUM_PARTS: tl.constexpr, S_POW2: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -118,37 +163,15 @@ def _expand_kernel(buf_ptr, b_ptr, y_ptr, ranks_ptr, scales_ptr, sorted_ptr, seg
     tok = tl.load(sorted_ptr + rows, mask=row_ok, other=0).to(tl.int64)  # [BM]
     h_rows = buf_ptr + tok[:, None] * (L * R) + sl * R  # [BM, 1]
     b_base = b_ptr + slot.to(tl.int64) * N * R
-    if R_TILES == 1:  # whole rank in one tile: h loaded once per program
-        rr = tl.arange(0, BLOCK_R)
-        r_ok = rr < rank
-        h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for p in tl.static_range(NUM_PARTS):  # fixed-order split-K reduction: deterministic
-            h += tl.load(h_rows + p * T * (L * R) + rr[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+    h = _first_h(h_rows, rank, row_ok, T, L * R, NUM_PARTS, BLOCK_M, BLOCK_R, R_TILES)
     for it in range(N_ITERS):
         nn = n0 + it * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = nn < n_hi
         yp = y_ptr + tok[:, None] * sy_t + nn[None, :]
         m = row_ok[:, None] & n_ok[None, :]
         yv = tl.load(yp, mask=m, other=0.0).to(tl.float32)  # issued early: overlaps the B loads
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for ri in range(R_TILES):
-            if ri * BLOCK_R < rank:  # rank tiles past the real rank are skipped
-                rr2 = ri * BLOCK_R + tl.arange(0, BLOCK_R)
-                r_ok2 = rr2 < rank
-                if R_TILES > 1:
-                    h2 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-                    for p in tl.static_range(NUM_PARTS):
-                        h2 += tl.load(h_rows + p * T * (L * R) + rr2[None, :],
-                                      mask=row_ok[:, None] & r_ok2[None, :], other=0.0)
-                else:
-                    h2 = h
-                bt = tl.load(b_base + nn[:, None] * R + rr2[None, :], mask=n_ok[:, None] & r_ok2[None, :],
-                             other=0.0).to(tl.float32)  # [BN, BR]
-                # h stays fp32: exact for fp32 models, tf32 (10-bit mantissa, finer than bf16/fp16) otherwise
-                if EXACT:
-                    acc += tl.dot(h2, tl.trans(bt), input_precision="ieee")
-                else:
-                    acc += tl.dot(h2, tl.trans(bt), input_precision="tf32")
+        acc = _lora_delta(h, h_rows, b_base, nn, n_ok, rank, row_ok, T, L * R, R, NUM_PARTS, BLOCK_M, BLOCK_N,
+                          BLOCK_R, R_TILES, EXACT)
         tl.store(yp, (yv + acc * scale).to(y_ptr.dtype.element_ty), mask=m)
 
 
