@@ -185,6 +185,8 @@ def add_lora(y, x, a_stack, b_stack, ranks, scales, slice_offsets, meta, backend
 # Opt-in until measured on a GPU: the shrink reads only x, so it can run on a side stream while the base GEMM
 # (which it does not depend on) runs; the expand joins both. Decode shrinks cost ~3-4 us each, mostly fixed latency.
 OVERLAP = os.environ.get("LORAMUX_LORA_OVERLAP", "") == "1"
+# Opt-in until measured on a GPU: gate|up expand + SiLU*mul in one kernel (gate_up_silu; lora_mlp_triton.py).
+FUSED_MLP = os.environ.get("LORAMUX_FUSED_LORA_MLP", "") == "1"
 
 
 @lru_cache(maxsize=None)
@@ -192,31 +194,70 @@ def _side_stream(device: torch.device):
     return torch.cuda.Stream(device=device)
 
 
-def lora_linear(x, weight, bias, a_stack, b_stack, ranks, scales, slice_offsets, meta, backend="auto",
-                overlap: bool | None = None) -> torch.Tensor:
-    """-> y = x W^T (+ bias), then add_lora(y, x, ...). overlap (None = OVERLAP): on CUDA with the Triton
-    two-launch path, the shrink runs on a side stream concurrently with the GEMM (fork/join with stream waits,
-    so it is also valid inside CUDA-graph capture, where it becomes a parallel branch). Same results either way."""
-    overlap = OVERLAP if overlap is None else overlap
-    if not (overlap and x.is_cuda and resolve_backend(backend, x.device) == "triton"):
-        y = torch.nn.functional.linear(x, weight, bias)
-        add_lora(y, x, a_stack, b_stack, ranks, scales, slice_offsets, meta, backend)
-        return y
-    L, R = _check(x, a_stack, ranks, meta)
-    ranks, scales = _prep(ranks, scales)
-    x, a_stack, b_stack = _tri_layout(x, None, a_stack, b_stack)
+def _gemm_and_shrink(x, weight, bias, a_stack, ranks, meta, overlap: bool):
+    """Triton two-launch path, first half -> (y = x W^T (+ bias), fp32 split-K partials of the shrink).
+    overlap: the shrink runs on a side stream concurrently with the GEMM (fork/join with stream waits, so it is
+    also valid inside CUDA-graph capture, where it becomes a parallel branch). Same results either way."""
     tri = _tri()
-    if tri._fused.use_fused(x.shape[0], x.shape[1], R):  # one launch that needs y: nothing to overlap
+    buf = tri.new_partials(x, a_stack, ranks)  # allocated (and later freed) on the current stream
+    if not overlap:
         y = torch.nn.functional.linear(x, weight, bias)
-        tri.add_lora(y, x, a_stack, b_stack, ranks, scales, tuple(slice_offsets), meta)
-        return y
+        tri.shrink_partials(x, a_stack, ranks, meta, buf)
+        return y, buf
     main, side = torch.cuda.current_stream(x.device), _side_stream(x.device)
-    buf = tri.new_partials(x, a_stack, ranks)  # allocated (and later freed) on the main stream
     side.wait_stream(main)  # x (and meta) are ready
     with torch.cuda.stream(side):
         tri.shrink_partials(x, a_stack, ranks, meta, buf)
     y = torch.nn.functional.linear(x, weight, bias)
-    _check_expand(y, b_stack, ranks, scales, tuple(slice_offsets), R)
     main.wait_stream(side)
-    tri.expand(y, buf, b_stack, ranks, scales, tuple(slice_offsets), meta)
+    return y, buf
+
+
+def _two_launch(x, a_stack, ranks, meta, backend) -> bool:
+    """Whether add_lora would take the Triton shrink + expand path for these inputs."""
+    if resolve_backend(backend, x.device) != "triton":
+        return False
+    L, R = _check(x, a_stack, ranks, meta)
+    return not _tri()._fused.use_fused(x.shape[0], x.shape[1], R)
+
+
+def lora_linear(x, weight, bias, a_stack, b_stack, ranks, scales, slice_offsets, meta, backend="auto",
+                overlap: bool | None = None) -> torch.Tensor:
+    """-> y = x W^T (+ bias), then add_lora(y, x, ...). overlap (None = OVERLAP): on CUDA with the Triton
+    two-launch path, the shrink runs on a side stream beside the GEMM (_gemm_and_shrink)."""
+    if not _two_launch(x, a_stack, ranks, meta, backend):
+        y = torch.nn.functional.linear(x, weight, bias)
+        add_lora(y, x, a_stack, b_stack, ranks, scales, slice_offsets, meta, backend)
+        return y
+    R = a_stack.shape[1] // ranks.shape[1]
+    ranks, scales = _prep(ranks, scales)
+    x, a_stack, b_stack = _tri_layout(x, None, a_stack, b_stack)
+    overlap = (OVERLAP if overlap is None else overlap) and x.is_cuda
+    y, buf = _gemm_and_shrink(x, weight, bias, a_stack, ranks, meta, overlap)
+    _check_expand(y, b_stack, ranks, scales, tuple(slice_offsets), R)
+    _tri().expand(y, buf, b_stack, ranks, scales, tuple(slice_offsets), meta)
     return y
+
+
+def gate_up_silu(x, weight, bias, a_stack, b_stack, ranks, scales, slice_offsets, meta, backend="auto",
+                 silu_backend="auto", fused: bool | None = None, overlap: bool | None = None) -> torch.Tensor:
+    """silu(gate) * up [T, I] of a packed gate|up linear (two slices of width I) with per-token LoRA.
+    fused (None = FUSED_MLP) on the Triton two-launch path: GEMM, shrink, then ONE kernel adds both slices'
+    deltas and applies SiLU*mul (lora_mlp_triton; the [T, 2I] output is not rewritten in place); equal bit for
+    bit to lora_linear followed by the Triton silu_mul. Otherwise exactly that (silu_backend: fused_ops')."""
+    fused = FUSED_MLP if fused is None else fused
+    offs = tuple(slice_offsets)
+    if not (fused and len(offs) == 3 and 2 * offs[1] == offs[2] and _two_launch(x, a_stack, ranks, meta, backend)):
+        from .fused_ops import silu_mul
+
+        y = lora_linear(x, weight, bias, a_stack, b_stack, ranks, scales, offs, meta, backend, overlap)
+        return silu_mul(y, backend=silu_backend)
+    R = a_stack.shape[1] // ranks.shape[1]
+    ranks, scales = _prep(ranks, scales)
+    x, a_stack, b_stack = _tri_layout(x, None, a_stack, b_stack)
+    overlap = (OVERLAP if overlap is None else overlap) and x.is_cuda
+    y, buf = _gemm_and_shrink(x, weight, bias, a_stack, ranks, meta, overlap)
+    _check_expand(y, b_stack, ranks, scales, offs, R)
+    from . import lora_mlp_triton
+
+    return lora_mlp_triton.expand_silu(y, buf, b_stack, ranks, scales, meta)

@@ -25,6 +25,13 @@ def _segment_tile(pid, seg_start_ptr, S, S_POW2: tl.constexpr, BLOCK_M: tl.const
     s = tl.arange(0, S_POW2)
     lo = tl.load(seg_start_ptr + s, mask=s < S, other=0)  # [S_POW2]
     hi = tl.load(seg_start_ptr + s + 1, mask=s < S, other=0)
+    return _pick_tile(pid, s, lo, hi, BLOCK_M)
+
+
+@triton.jit
+def _pick_tile(pid, s, lo, hi, BLOCK_M: tl.constexpr):
+    """Tile `pid` of the groups' BLOCK_M-row tiles numbered in group order; group g spans sorted rows
+    lo[g]..hi[g] ([G] each, s = arange(G)) -> (group, first row, end row); group >= G when pid is past them."""
     ntile = (hi - lo + BLOCK_M - 1) // BLOCK_M
     end = tl.cumsum(ntile, 0)  # inclusive tile count per slot
     slot = tl.sum((end <= pid).to(tl.int32), 0)

@@ -12,8 +12,9 @@ import pytest
 pytest.importorskip("triton")
 
 
-def test_peft_equivalence_through_triton_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", LORAMUX_KERNEL_BACKEND="triton")
+@pytest.mark.parametrize("extra", [{}, {"LORAMUX_FUSED_LORA_MLP": "1"}], ids=["two-launch", "fused-mlp"])
+def test_peft_equivalence_through_triton_interpreter(extra):
+    env = dict(os.environ, TRITON_INTERPRET="1", LORAMUX_KERNEL_BACKEND="triton", **extra)
     tests = Path(__file__).parent
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(tests / "test_adapters_vs_peft.py"),

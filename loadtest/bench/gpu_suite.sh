@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # One GPU session's standard measurements: the GPU tests, then every benchmark whose numbers docs/performance.md
-# records, each writing JSON under OUT. Three parts, each under the device tool's 10-minute limit per call:
-#   OUT=/some/dir bash loadtest/bench/gpu_suite.sh core     # GPU tests, decode (+ LoRA overlap), prefill (~7 min)
-#   OUT=/some/dir bash loadtest/bench/gpu_suite.sh many     # 1,000 adapters on 64 slots + baseline (~6 min)
-#   OUT=/some/dir bash loadtest/bench/gpu_suite.sh kernels  # LoRA kernel grid (~2 min)
-#   (no argument: all three)
+# records, each writing JSON under OUT. Four parts, each under the device tool's 10-minute limit per call:
+#   OUT=/some/dir bash loadtest/bench/gpu_suite.sh core      # GPU tests, decode, prefill (~6 min)
+#   OUT=/some/dir bash loadtest/bench/gpu_suite.sh many      # 1,000 adapters on 64 slots + baseline (~6 min)
+#   OUT=/some/dir bash loadtest/bench/gpu_suite.sh variants  # opt-in LoRA paths: overlap, fused MLP (~5 min)
+#   OUT=/some/dir bash loadtest/bench/gpu_suite.sh kernels   # LoRA kernel grid (~2 min)
+#   (no argument: all four)
 # Run from the repository root with the package importable (pip install -e . or PYTHONPATH, see DESIGN.md §9).
 set -u
 OUT=${OUT:-out/gpu-suite}
@@ -14,16 +15,23 @@ B=loramux.loadtest.bench
 PART=${1:-all}
 if [ "$PART" = core ] || [ "$PART" = all ]; then
 step 230 python -m pytest -q -m gpu tests/test_engine_gpu.py tests/test_fused_ops_gpu.py \
-    tests/test_many_adapters_gpu.py tests/test_attention_kernels_gpu.py tests/test_lora_overlap_gpu.py \
+    tests/test_many_adapters_gpu.py tests/test_attention_kernels_gpu.py tests/test_lora_paths_gpu.py \
     -p no:cacheprovider
 step 100 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 0,1,8,32 --skip-hf \
     --json "$OUT/decode_b32.json"
 step 70 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 64 --adapters 0,64 --max-loras 64 --skip-hf \
     --json "$OUT/decode_b64.json"
-# the same decode with the LoRA shrink on a side stream beside the base GEMM (opt-in until this shows a gain)
-step 70 env LORAMUX_LORA_OVERLAP=1 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 1,32 \
-    --skip-hf --json "$OUT/decode_b32_overlap.json"
 step 70 python -m $B.bench_prefill --shape llama3-8b --prompt-len 2048 --json "$OUT/prefill.json"
+fi
+if [ "$PART" = variants ] || [ "$PART" = all ]; then  # opt-in LoRA paths, each beside its own base in the run
+    for v in LORAMUX_LORA_OVERLAP LORAMUX_FUSED_LORA_MLP; do
+        step 70 env $v=1 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 0,1,32 --skip-hf \
+            --json "$OUT/decode_b32_$v.json"
+    done
+    step 70 env LORAMUX_LORA_OVERLAP=1 LORAMUX_FUSED_LORA_MLP=1 python -m $B.bench_gpu_vs_peft --shape llama3-8b \
+        --batch 32 --adapters 0,1,32 --skip-hf --json "$OUT/decode_b32_both.json"
+    step 70 env LORAMUX_FUSED_LORA_MLP=1 python -m $B.bench_prefill --shape llama3-8b --prompt-len 2048 \
+        --json "$OUT/prefill_LORAMUX_FUSED_LORA_MLP.json"
 fi
 if [ "$PART" = kernels ] || [ "$PART" = all ]; then
 step 120 python -m $B.bench_lora_kernels --grid --ranks 8,16,64 --json "$OUT/lora_grid.json"

@@ -61,3 +61,14 @@ class PackedLinear(nn.Module):
         st = self.lora
         return lora_linear(x, self.weight, self.bias, st.a, st.b, st.ranks, st.scales, self.slice_offsets,
                            ctx.lora_meta, backend=ctx.lora_backend)
+
+    def silu_mul(self, x: torch.Tensor, ctx: ForwardContext, backend: str) -> torch.Tensor:
+        """silu(gate) * up of this gate|up linear's output (fused-ops path); with adapters in the step, through
+        kernels.lora.gate_up_silu (which can fuse the LoRA expand with the SiLU*mul)."""
+        if self.lora is None or ctx.lora_meta is None:
+            return fused_ops.silu_mul(nn.functional.linear(x, self.weight, self.bias), backend=backend)
+        from loramux.kernels.lora import gate_up_silu
+
+        st = self.lora
+        return gate_up_silu(x, self.weight, self.bias, st.a, st.b, st.ranks, st.scales, self.slice_offsets,
+                            ctx.lora_meta, backend=ctx.lora_backend, silu_backend=backend)

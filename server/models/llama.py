@@ -4,7 +4,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from loramux.kernels import fused_ops
 from loramux.kernels.attention import paged_attention, paged_attention_table, write_kv
 from loramux.kernels.rope_kv import rope_write_kv
 
@@ -68,7 +67,7 @@ class DecoderLayer(nn.Module):
         -> (this layer's MLP output, stream before it); same math as forward()."""
         h, residual = self.input_layernorm.fused(x, residual)
         h, residual = self.post_attention_layernorm.fused(self._attention(h, ctx, kv), residual)
-        act = fused_ops.silu_mul(self.gate_up_proj(h, ctx), backend=self.post_attention_layernorm.fused_backend)
+        act = self.gate_up_proj.silu_mul(h, ctx, self.post_attention_layernorm.fused_backend)
         return self.down_proj(act, ctx), residual
 
 
