@@ -47,7 +47,8 @@ def run_ours(args, cfg, n_adapters: int, bw: float, adapters: list) -> dict:
                             max_model_len=max_len, max_loras=max(1, args.max_loras))
     engine = build_engine(None, cfg, dtype, dev, max_len, blocks, sched, [], kernel_backend="auto")
     import tempfile
-    svc = AdapterService(Path(tempfile.mkdtemp()), cfg.raw, dtype, max(1, args.max_loras), args.rank, 1024)
+    svc = AdapterService(Path(tempfile.mkdtemp()), cfg.raw, dtype, max(1, args.max_loras),
+                         args.max_lora_rank or args.rank, 1024)
     attach_adapters(engine, svc)
     for ad in adapters:
         svc.cache.put(ad.adapter_id, ad)  # straight into the CPU tier: the gate copies them into GPU slots
@@ -223,6 +224,8 @@ def main(argv=None) -> int:
     ap.add_argument("--adapters", default="0,1,4,32")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--max-loras", type=int, default=32)
+    ap.add_argument("--max-lora-rank", type=int, default=0,
+                    help="slot rank (the server's --max-lora-rank; default: --rank, so no padding is read around)")
     ap.add_argument("--hf-new-tokens-slow", type=int, default=16, help="HF tokens when >= 4 adapters (it is slow)")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--enforce-eager", action="store_true")
@@ -236,7 +239,7 @@ def main(argv=None) -> int:
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     counts = [int(x) for x in args.adapters.split(",")]
     from loramux.adapters.spec import BaseModelSpec
-    spec = BaseModelSpec.from_hf_config(cfg.raw, args.rank, "bfloat16")
+    spec = BaseModelSpec.from_hf_config(cfg.raw, max(args.rank, args.max_lora_rank), "bfloat16")
     adapters = [random_adapter(spec, args.rank, i, torch.bfloat16) for i in range(max(counts))]
     rows = []
     for d in counts:

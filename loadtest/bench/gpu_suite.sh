@@ -3,7 +3,7 @@
 # records, each writing JSON under OUT. Four parts, each under the device tool's 10-minute limit per call:
 #   OUT=/some/dir bash loadtest/bench/gpu_suite.sh core      # GPU tests, decode, prefill (~6 min)
 #   OUT=/some/dir bash loadtest/bench/gpu_suite.sh many      # 1,000 adapters on 64 slots + baseline (~6 min)
-#   OUT=/some/dir bash loadtest/bench/gpu_suite.sh variants  # opt-in LoRA paths: overlap, fused MLP (~5 min)
+#   OUT=/some/dir bash loadtest/bench/gpu_suite.sh variants  # opt-in LoRA paths, rank-64 slots (~6 min)
 #   OUT=/some/dir bash loadtest/bench/gpu_suite.sh kernels   # LoRA kernel grid (~2 min)
 #   (no argument: all four)
 # Run from the repository root with the package importable (pip install -e . or PYTHONPATH, see DESIGN.md §9).
@@ -30,6 +30,9 @@ if [ "$PART" = variants ] || [ "$PART" = all ]; then  # opt-in LoRA paths, each 
     done
     step 70 env LORAMUX_LORA_OVERLAP=1 LORAMUX_FUSED_LORA_MLP=1 python -m $B.bench_gpu_vs_peft --shape llama3-8b \
         --batch 32 --adapters 0,1,32 --skip-hf --json "$OUT/decode_b32_both.json"
+    # r=16 adapters in rank-64 slots (the server default): what reading B rows around the padding costs
+    step 70 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 1,32 --max-lora-rank 64 \
+        --skip-hf --json "$OUT/decode_b32_slot_rank64.json"
     step 70 env LORAMUX_FUSED_LORA_MLP=1 python -m $B.bench_prefill --shape llama3-8b --prompt-len 2048 \
         --json "$OUT/prefill_LORAMUX_FUSED_LORA_MLP.json"
 fi
