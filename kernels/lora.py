@@ -145,8 +145,9 @@ def lora_shrink(x, a_stack, ranks, meta, out=None, backend="auto") -> torch.Tens
 
 
 def lora_expand(y, buf, b_stack, ranks, scales, slice_offsets, meta, backend="auto") -> None:
-    """In place: y[t, off_i:off_i+1] += scales[s, i] * buf[t, i*R : i*R+rank] @ b_stack[s, off_i:off_i+1, :rank]^T
-    for s = slot(t) >= 0. buf: fp32 [T, L*R] as returned by lora_shrink."""
+    """In place: y[t, off_i:off_i+1] += scales[s, i] * buf[t, i*R : i*R+rank] @ B_si^T for s = slot(t) >= 0, with
+    B_si = lora_layout.b_block(b_stack[s], off_i, off_i+1, rank) [w_i, rank] (compact blocks: lora_layout.py;
+    pack_b builds a stack from plain [S, N, R] matrices). buf: fp32 [T, L*R] as returned by lora_shrink."""
     R = b_stack.shape[2] if b_stack.dim() == 3 else -1
     _check_expand(y, b_stack, ranks, scales, tuple(slice_offsets), R)
     if buf.shape != (y.shape[0], ranks.shape[1] * R) or buf.dtype != torch.float32:
@@ -164,8 +165,8 @@ def lora_expand(y, buf, b_stack, ranks, scales, slice_offsets, meta, backend="au
 def add_lora(y, x, a_stack, b_stack, ranks, scales, slice_offsets, meta, backend="auto", *,
              split_k: int | None = None, fused: bool | None = None) -> None:
     """In place, for every token t with s = token_slots[t] >= 0 and every slice i:
-    y[t, off_i:off_i+1] += scales[s, i] * (x[t] @ a_stack[s, i*R : i*R+ranks[s, i]].T)
-                           @ b_stack[s, off_i:off_i+1, :ranks[s, i]].T
+    y[t, off_i:off_i+1] += scales[s, i] * (x[t] @ a_stack[s, i*R : i*R+ranks[s, i]].T) @ B_si.T
+    with B_si = lora_layout.b_block(b_stack[s], off_i, off_i+1, ranks[s, i]) (see lora_expand).
     Triton: one fused launch for decode-sized T, else one shrink and one expand launch; padding beyond each rank
     is never read. fused (Triton only): True / False forces the fused / two-launch path, None = heuristic.
     split_k (Triton, two-launch path only) overrides the split-K heuristic; partial sums are reduced in a fixed

@@ -22,7 +22,8 @@ the A re-reads. CH = 512 (K / CH = 8 at K = 4096) is the middle; bench_lora_kern
 times 256..2048. Past FUSED_MAX_RK A elements per program
 (e.g. r = 64 at K = 14336: 1.8 MB through one SM) the stream costs more than the saved launch, so the heuristic
 keeps the two-launch path there.
-Layouts (inner dims contiguous): x [T, K], y [T, N] (any row stride), a [S, L*R, K], b [S, N, R],
+Layouts (inner dims contiguous): x [T, K], y [T, N] (any row stride), a [S, L*R, K], b [S, N, R] (compact
+slot-slice blocks, lora_layout.py),
 ranks int32 [S, L], scales fp32 [S, L].
 """
 from __future__ import annotations
@@ -34,7 +35,8 @@ import triton
 import triton.language as tl
 
 from .backend import cdiv
-from .lora_triton import _block_m, _dot_f32, _pow2, _segment_tile, _slice_chunk, slice_chunks
+from .lora_layout import row_align
+from .lora_triton import _b_stride, _block_m, _dot_f32, _pow2, _segment_tile, _slice_chunk, slice_chunks
 
 # Off by default: on the H100 (Llama-3-8B layer, CUDA graphs) this kernel took 1.5-2.7x the two-launch time at
 # every decode shape measured (e.g. r=16, T=32, D=8: 98 vs 48 us per layer; docs/performance.md): one program
@@ -70,12 +72,12 @@ def _h_tile(x_rows, row_ok, a_slice, r0, rank, K, BLOCK_M: tl.constexpr, BLOCK_R
 
 
 @triton.jit
-def _b_dot(acc, h, b_slot, nn, n_ok, r0, rank, R, BLOCK_R: tl.constexpr, EXACT: tl.constexpr):
-    """acc[m, n] += sum_j h[m, j] * b_slot[nn[n], r0 + j] over r0 + j < rank; acc unchanged past the rank."""
+def _b_dot(acc, h, b_rows, n_ok, r0, rank, BLOCK_R: tl.constexpr, EXACT: tl.constexpr):
+    """acc[m, n] += sum_j h[m, j] * B[n, r0 + j] over r0 + j < rank (b_rows [BN, 1]: the rows of the compact
+    slot-slice block); acc unchanged past the rank."""
     if r0 < rank:
         rr = r0 + tl.arange(0, BLOCK_R)
-        bt = tl.load(b_slot + nn[:, None] * R + rr[None, :], mask=n_ok[:, None] & (rr < rank)[None, :],
-                     other=0.0).to(tl.float32)  # [BN, BR]
+        bt = tl.load(b_rows + rr[None, :], mask=n_ok[:, None] & (rr < rank)[None, :], other=0.0).to(tl.float32)
         # h stays fp32: exact for fp32 models, tf32 otherwise (as the expand kernel)
         if EXACT:
             acc += tl.dot(h, tl.trans(bt), input_precision="ieee")
@@ -89,11 +91,11 @@ def _fused_kernel(x_ptr, a_ptr, b_ptr, y_ptr, ranks_ptr, scales_ptr, sorted_ptr,
                   K, N, R, S, OFF1, OFF2, OFF3, sx_t, sy_t,
                   L: tl.constexpr, S_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                   K_ITERS: tl.constexpr, BLOCK_R: tl.constexpr, R_TILES: tl.constexpr, BLOCK_N: tl.constexpr,
-                  N_ITERS: tl.constexpr, DOT_F32: tl.constexpr, EXACT: tl.constexpr):
-    # y[t, n] += scale[s, i] * sum_{j < rank[s, i]} (sum_k x[t, k] * a[s, i*R + j, k]) * b[s, n, j],  n in slice i
+                  N_ITERS: tl.constexpr, DOT_F32: tl.constexpr, EXACT: tl.constexpr, RA: tl.constexpr):
+    # y[t, n] += scale[s, i] * sum_{j < rank[s, i]} (sum_k x[t, k] * a[s, i*R + j, k]) * B_si[n - lo_i, j]
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
-    sl, n0, n_hi = _slice_chunk(pid_n, OFF1, OFF2, OFF3, N, BLOCK_N * N_ITERS)
+    sl, n0, n_hi, s_lo = _slice_chunk(pid_n, OFF1, OFF2, OFF3, N, BLOCK_N * N_ITERS)
     slot, row0, seg_hi = _segment_tile(pid_m, seg_start_ptr, S, S_POW2, BLOCK_M)
     if slot >= S:
         return
@@ -116,7 +118,8 @@ def _fused_kernel(x_ptr, a_ptr, b_ptr, y_ptr, ranks_ptr, scales_ptr, sorted_ptr,
     if R_TILES > 3:
         h3 = _h_tile(x_rows, row_ok, a_slice, 3 * BLOCK_R, rank, K, BLOCK_M, BLOCK_R, BLOCK_K, K_ITERS, DOT_F32)
     # Phase 2: y[tile, chunk] += scale * h @ B^T, BLOCK_N columns at a time (B chunk read once per program).
-    b_slot = b_ptr + slot.to(tl.int64) * N * R
+    b_blk = b_ptr + (slot.to(tl.int64) * N + s_lo) * R  # compact slot-slice block (lora_layout.py)
+    stride = _b_stride(rank, RA)
     for it in range(N_ITERS):
         nn = n0 + it * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = nn < n_hi
@@ -124,13 +127,14 @@ def _fused_kernel(x_ptr, a_ptr, b_ptr, y_ptr, ranks_ptr, scales_ptr, sorted_ptr,
         m = row_ok[:, None] & n_ok[None, :]
         yv = tl.load(yp, mask=m, other=0.0).to(tl.float32)  # issued early: overlaps the B loads
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc = _b_dot(acc, h0, b_slot, nn, n_ok, 0, rank, R, BLOCK_R, EXACT)
+        b_rows = b_blk + (nn - s_lo)[:, None] * stride  # [BN, 1]
+        acc = _b_dot(acc, h0, b_rows, n_ok, 0, rank, BLOCK_R, EXACT)
         if R_TILES > 1:
-            acc = _b_dot(acc, h1, b_slot, nn, n_ok, BLOCK_R, rank, R, BLOCK_R, EXACT)
+            acc = _b_dot(acc, h1, b_rows, n_ok, BLOCK_R, rank, BLOCK_R, EXACT)
         if R_TILES > 2:
-            acc = _b_dot(acc, h2, b_slot, nn, n_ok, 2 * BLOCK_R, rank, R, BLOCK_R, EXACT)
+            acc = _b_dot(acc, h2, b_rows, n_ok, 2 * BLOCK_R, rank, BLOCK_R, EXACT)
         if R_TILES > 3:
-            acc = _b_dot(acc, h3, b_slot, nn, n_ok, 3 * BLOCK_R, rank, R, BLOCK_R, EXACT)
+            acc = _b_dot(acc, h3, b_rows, n_ok, 3 * BLOCK_R, rank, BLOCK_R, EXACT)
         tl.store(yp, (yv + acc * scale).to(y_ptr.dtype.element_ty), mask=m)
 
 
@@ -169,4 +173,4 @@ def fused_add_lora(y, x, a_stack, b_stack, ranks, scales, slice_offsets, meta, c
         x.stride(0), y.stride(0),
         L=L, S_POW2=_pow2(S, 2), BLOCK_M=p["bm"], BLOCK_K=p["bk"], K_ITERS=p["k_iters"], BLOCK_R=p["br"],
         R_TILES=p["r_tiles"], BLOCK_N=p["bn"], N_ITERS=p["n_iters"], DOT_F32=_dot_f32(x.dtype),
-        EXACT=y.dtype == torch.float32, num_warps=4, num_stages=3)
+        EXACT=y.dtype == torch.float32, RA=row_align(R), num_warps=4, num_stages=3)

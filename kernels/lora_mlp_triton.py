@@ -7,7 +7,7 @@ y's dtype exactly as the in-place expand would, and writes act = silu(gate) * up
 result equals the unfused Triton chain bit for bit. Every token needs act, adapter or not: the tile numbering runs
 over S + 1 groups, the last being the tokens without adapter (sorted last by build_lora_meta), which only get
 SiLU*mul. Layouts: y [T, 2I] (gate | up; any row stride), buf fp32 [P, T, 2R] split-K partials of the shrink,
-b [S, 2I, R], ranks int32 [S, 2], scales fp32 [S, 2] (slice 0 = gate, 1 = up), act [T, I].
+b [S, 2I, R] (compact blocks, lora_layout.py), ranks int32 [S, 2], scales fp32 [S, 2] (slice 0 = gate, 1 = up), act [T, I].
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import triton.language as tl
 
 from .backend import cdiv
 from .fused_ops_triton import _cast, _rne_bf16
+from .lora_layout import row_align
 from .lora_triton import _block_m, _first_h, _lora_delta, _pick_tile, _pow2
 
 
@@ -30,14 +31,14 @@ def _segment_tile_all(pid, seg_start_ptr, S, T, S_POW2: tl.constexpr, BLOCK_M: t
 
 
 @triton.jit
-def _with_delta(v, h, h_rows, b_base, nn_b, n_ok, rank, scale, row_ok, T, LR, R, NUM_PARTS: tl.constexpr,
+def _with_delta(v, h, h_rows, b_blk, nn, n_ok, rank, scale, row_ok, T, LR, NUM_PARTS: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, R_TILES: tl.constexpr,
-                EXACT: tl.constexpr, DTYPE: tl.constexpr):
+                EXACT: tl.constexpr, RA: tl.constexpr, DTYPE: tl.constexpr):
     """v (fp32 [BM, BN], one slice's columns of y) plus that slice's LoRA delta, rounded to y's dtype like the
     in-place expand's store; unchanged when the rank is 0."""
     if rank > 0:
-        acc = _lora_delta(h, h_rows, b_base, nn_b, n_ok, rank, row_ok, T, LR, R, NUM_PARTS, BLOCK_M, BLOCK_N,
-                          BLOCK_R, R_TILES, EXACT)
+        acc = _lora_delta(h, h_rows, b_blk, nn, n_ok, rank, row_ok, T, LR, NUM_PARTS, BLOCK_M, BLOCK_N,
+                          BLOCK_R, R_TILES, EXACT, RA)
         v = (v + acc * scale).to(DTYPE).to(tl.float32)
     return v
 
@@ -47,7 +48,7 @@ def _expand_silu_kernel(buf_ptr, b_ptr, y_ptr, out_ptr, ranks_ptr, scales_ptr, s
                         T, I, R, S, sy_t, so_t,
                         NUM_PARTS: tl.constexpr, S_POW2: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, R_TILES: tl.constexpr,
-                        N_ITERS: tl.constexpr, EXACT: tl.constexpr, RNE_BF16: tl.constexpr):
+                        N_ITERS: tl.constexpr, EXACT: tl.constexpr, RA: tl.constexpr, RNE_BF16: tl.constexpr):
     # act[t, n] = silu(g) * u, g = y[t, n] + delta_gate, u = y[t, I + n] + delta_up (deltas of slot(t), if any)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)  # chunk of N_ITERS * BLOCK_N columns of act
@@ -64,7 +65,8 @@ def _expand_silu_kernel(buf_ptr, b_ptr, y_ptr, out_ptr, ranks_ptr, scales_ptr, s
     scale_u = tl.load(scales_ptr + slot * 2 + 1, mask=has, other=0.0)
     hg_rows = buf_ptr + tok[:, None] * (2 * R)  # [BM, 1]
     hu_rows = hg_rows + R
-    b_base = b_ptr + slot.to(tl.int64) * 2 * I * R
+    bg_blk = b_ptr + slot.to(tl.int64) * 2 * I * R  # compact gate block; the up block starts at column I
+    bu_blk = bg_blk + I * R
     h_g = _first_h(hg_rows, rank_g, row_ok, T, 2 * R, NUM_PARTS, BLOCK_M, BLOCK_R, R_TILES)
     h_u = _first_h(hu_rows, rank_u, row_ok, T, 2 * R, NUM_PARTS, BLOCK_M, BLOCK_R, R_TILES)
     DTYPE = y_ptr.dtype.element_ty
@@ -75,10 +77,10 @@ def _expand_silu_kernel(buf_ptr, b_ptr, y_ptr, out_ptr, ranks_ptr, scales_ptr, s
         yp = y_ptr + tok[:, None] * sy_t + nn[None, :]
         g = tl.load(yp, mask=m, other=0.0).to(tl.float32)
         u = tl.load(yp + I, mask=m, other=0.0).to(tl.float32)
-        g = _with_delta(g, h_g, hg_rows, b_base, nn, n_ok, rank_g, scale_g, row_ok, T, 2 * R, R, NUM_PARTS,
-                        BLOCK_M, BLOCK_N, BLOCK_R, R_TILES, EXACT, DTYPE)
-        u = _with_delta(u, h_u, hu_rows, b_base, nn + I, n_ok, rank_u, scale_u, row_ok, T, 2 * R, R, NUM_PARTS,
-                        BLOCK_M, BLOCK_N, BLOCK_R, R_TILES, EXACT, DTYPE)
+        g = _with_delta(g, h_g, hg_rows, bg_blk, nn, n_ok, rank_g, scale_g, row_ok, T, 2 * R, NUM_PARTS,
+                        BLOCK_M, BLOCK_N, BLOCK_R, R_TILES, EXACT, RA, DTYPE)
+        u = _with_delta(u, h_u, hu_rows, bu_blk, nn, n_ok, rank_u, scale_u, row_ok, T, 2 * R, NUM_PARTS,
+                        BLOCK_M, BLOCK_N, BLOCK_R, R_TILES, EXACT, RA, DTYPE)
         s = _cast(g / (1.0 + tl.exp(-g)), DTYPE, RNE_BF16).to(tl.float32)  # as fused_ops_triton.silu_mul
         tl.store(out_ptr + tok[:, None] * so_t + nn[None, :], _cast(s * u, DTYPE, RNE_BF16), mask=m)
 
@@ -98,6 +100,7 @@ def expand_silu(y, buf, b_stack, ranks, scales, meta, n_iters: int | None = None
     _expand_silu_kernel[grid](
         buf, b_stack, y, act, ranks, scales, meta.sorted_tokens, meta.seg_start, T, I, R, S, y.stride(0),
         act.stride(0), NUM_PARTS=buf.shape[0], S_POW2=_pow2(S + 1, 2), BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br,
-        R_TILES=cdiv(R, br), N_ITERS=n_iters, EXACT=y.dtype == torch.float32, RNE_BF16=_rne_bf16(y),
+        R_TILES=cdiv(R, br), N_ITERS=n_iters, EXACT=y.dtype == torch.float32, RA=row_align(R),
+        RNE_BF16=_rne_bf16(y),
         num_warps=4, num_stages=2)
     return act

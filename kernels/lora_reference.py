@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from .lora_layout import b_block
+
 # These functions sync with the host (they read the segment table and ranks as Python ints), so they are
 # not CUDA-graph safe; the Triton path is. Math: fp32 accumulation, y rounded once to its dtype.
 
@@ -50,7 +52,7 @@ def expand(y: torch.Tensor, buf: torch.Tensor, b_stack: torch.Tensor, ranks: tor
         for i in range(L):
             r, lo, hi = rk[i], slice_offsets[i], slice_offsets[i + 1]
             if r:
-                b = b_stack[s, lo:hi, :r].float()  # [w, r]
+                b = b_block(b_stack[s], lo, hi, r).float()  # [w, r]
                 ys[:, lo:hi] += scales_host[s][i] * (hs[:, i * R: i * R + r] @ b.T)
         y.index_copy_(0, idx, ys.to(y.dtype))
 

@@ -9,14 +9,16 @@ import triton
 import triton.language as tl
 
 from .backend import cdiv, interpreter_on, next_pow2
+from .lora_layout import row_align
 
 # Work decomposition shared by both kernels. Tokens are grouped by slot (meta.sorted_tokens, meta.seg_start);
 # each slot's segment is cut into BLOCK_M-row tiles and the tiles of all slots are numbered consecutively.
 # One grid axis walks that numbering; its size is a host-side bound, cdiv(T, BLOCK_M) + min(S, T), which
 # depends on T and S only (never on slot values), so launches can be captured in CUDA graphs. Programs past
 # the real tile count, and (slot, slice) pairs with rank 0, exit at once. Loop trip counts are constexpr.
-# Layouts (inner dims contiguous): x [T, K], y [T, N] (any row stride), a [S, L*R, K], b [S, N, R],
-# ranks int32 [S, L], scales fp32 [S, L], partial sums fp32 [P, T, L*R].
+# Layouts (inner dims contiguous): x [T, K], y [T, N] (any row stride), a [S, L*R, K], b [S, N, R] with each
+# slot-slice block compact (lora_layout.py: row stride = rank rounded up to RA), ranks int32 [S, L],
+# scales fp32 [S, L], partial sums fp32 [P, T, L*R].
 
 
 @triton.jit
@@ -44,8 +46,8 @@ def _pick_tile(pid, s, lo, hi, BLOCK_M: tl.constexpr):
 
 @triton.jit
 def _slice_chunk(pid, OFF1, OFF2, OFF3, N, CH):
-    """Column chunk `pid` -> (slice, first column, slice end). Chunks of CH columns never straddle a slice
-    boundary: slice i (columns OFFi..OFFi+1, OFF0 = 0, OFF4 = N; unused slices empty) has cdiv(width, CH)."""
+    """Column chunk `pid` -> (slice, first column, slice end, slice start). Chunks of CH columns never straddle
+    a slice boundary: slice i (columns OFFi..OFFi+1, OFF0 = 0, OFF4 = N; unused slices empty) has cdiv(width, CH)."""
     c1 = (OFF1 + CH - 1) // CH
     c2 = c1 + (OFF2 - OFF1 + CH - 1) // CH
     c3 = c2 + (OFF3 - OFF2 + CH - 1) // CH
@@ -53,7 +55,7 @@ def _slice_chunk(pid, OFF1, OFF2, OFF3, N, CH):
     c_lo = tl.where(sl == 0, 0, tl.where(sl == 1, c1, tl.where(sl == 2, c2, c3)))
     n_lo = tl.where(sl == 0, 0, tl.where(sl == 1, OFF1, tl.where(sl == 2, OFF2, OFF3)))
     n_hi = tl.where(sl == 0, OFF1, tl.where(sl == 1, OFF2, tl.where(sl == 2, OFF3, N)))
-    return sl, n_lo + (pid - c_lo) * CH, n_hi
+    return sl, n_lo + (pid - c_lo) * CH, n_hi, n_lo
 
 
 def slice_chunks(slice_offsets, ch: int) -> tuple[list[int], int]:
@@ -124,12 +126,20 @@ def _first_h(h_rows, rank, row_ok, T, LR, NUM_PARTS: tl.constexpr, BLOCK_M: tl.c
 
 
 @triton.jit
-def _lora_delta(h, h_rows, b_base, nn, n_ok, rank, row_ok, T, LR, R, NUM_PARTS: tl.constexpr,
+def _b_stride(rank, RA: tl.constexpr):
+    """Row stride of a slot-slice B block (lora_layout.b_row_stride): rank rounded up to a multiple of RA."""
+    return tl.multiple_of((rank + RA - 1) // RA * RA, RA)
+
+
+@triton.jit
+def _lora_delta(h, h_rows, b_blk, n_rel, n_ok, rank, row_ok, T, LR, NUM_PARTS: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, R_TILES: tl.constexpr,
-                EXACT: tl.constexpr):
-    """sum_j h[m, j] * b[nn, j] over j < rank -> fp32 [BM, BN] (unscaled). With R_TILES == 1, h is the
-    caller's [BM, BR] (loaded once per program); else each rank tile's h is summed here from h_rows."""
+                EXACT: tl.constexpr, RA: tl.constexpr):
+    """sum_j h[m, j] * B[n_rel, j] over j < rank -> fp32 [BM, BN] (unscaled); b_blk: the slot-slice's compact
+    B block, n_rel: columns relative to the slice start. With R_TILES == 1, h is the caller's [BM, BR] (loaded
+    once per program); else each rank tile's h is summed here from h_rows."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    b_rows = b_blk + n_rel[:, None] * _b_stride(rank, RA)  # [BN, 1]
     for ri in range(R_TILES):
         if ri * BLOCK_R < rank:  # rank tiles past the real rank are skipped
             rr = ri * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -138,8 +148,7 @@ def _lora_delta(h, h_rows, b_base, nn, n_ok, rank, row_ok, T, LR, R, NUM_PARTS: 
                 h2 = _partials_h(h_rows, rr, r_ok, row_ok, T, LR, NUM_PARTS)
             else:
                 h2 = h
-            bt = tl.load(b_base + nn[:, None] * R + rr[None, :], mask=n_ok[:, None] & r_ok[None, :],
-                         other=0.0).to(tl.float32)  # [BN, BR]
+            bt = tl.load(b_rows + rr[None, :], mask=n_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
             # h stays fp32: exact for fp32 models, tf32 (10-bit mantissa, finer than bf16/fp16) otherwise
             if EXACT:
                 acc += tl.dot(h2, tl.trans(bt), input_precision="ieee")
@@ -153,11 +162,11 @@ def _expand_kernel(buf_ptr, b_ptr, y_ptr, ranks_ptr, scales_ptr, sorted_ptr, seg
                    T, N, R, S, OFF1, OFF2, OFF3, sy_t,
                    L: tl.constexpr, NUM_PARTS: tl.constexpr, S_POW2: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, R_TILES: tl.constexpr,
-                   N_ITERS: tl.constexpr, EXACT: tl.constexpr):
-    # y[t, n] += scale[s, i] * sum_{j < rank[s, i]} (sum_p buf[p, t, i*R + j]) * b[s, n, j],  n in slice i
+                   N_ITERS: tl.constexpr, EXACT: tl.constexpr, RA: tl.constexpr):
+    # y[t, n] += scale[s, i] * sum_{j < rank[s, i]} (sum_p buf[p, t, i*R + j]) * B_si[n - lo_i, j],  n in slice i
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)  # chunk of N_ITERS * BLOCK_N columns inside one slice (slices 0..3 in order)
-    sl, n0, n_hi = _slice_chunk(pid_n, OFF1, OFF2, OFF3, N, BLOCK_N * N_ITERS)
+    sl, n0, n_hi, s_lo = _slice_chunk(pid_n, OFF1, OFF2, OFF3, N, BLOCK_N * N_ITERS)
     slot, row0, seg_hi = _segment_tile(pid_m, seg_start_ptr, S, S_POW2, BLOCK_M)
     if slot >= S:
         return
@@ -169,7 +178,7 @@ def _expand_kernel(buf_ptr, b_ptr, y_ptr, ranks_ptr, scales_ptr, sorted_ptr, seg
     row_ok = rows < seg_hi
     tok = tl.load(sorted_ptr + rows, mask=row_ok, other=0).to(tl.int64)  # [BM]
     h_rows = buf_ptr + tok[:, None] * (L * R) + sl * R  # [BM, 1]
-    b_base = b_ptr + slot.to(tl.int64) * N * R
+    b_blk = b_ptr + (slot.to(tl.int64) * N + s_lo) * R  # this slot-slice's compact B block
     h = _first_h(h_rows, rank, row_ok, T, L * R, NUM_PARTS, BLOCK_M, BLOCK_R, R_TILES)
     for it in range(N_ITERS):
         nn = n0 + it * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -177,8 +186,8 @@ def _expand_kernel(buf_ptr, b_ptr, y_ptr, ranks_ptr, scales_ptr, sorted_ptr, seg
         yp = y_ptr + tok[:, None] * sy_t + nn[None, :]
         m = row_ok[:, None] & n_ok[None, :]
         yv = tl.load(yp, mask=m, other=0.0).to(tl.float32)  # issued early: overlaps the B loads
-        acc = _lora_delta(h, h_rows, b_base, nn, n_ok, rank, row_ok, T, L * R, R, NUM_PARTS, BLOCK_M, BLOCK_N,
-                          BLOCK_R, R_TILES, EXACT)
+        acc = _lora_delta(h, h_rows, b_blk, nn - s_lo, n_ok, rank, row_ok, T, L * R, NUM_PARTS, BLOCK_M,
+                          BLOCK_N, BLOCK_R, R_TILES, EXACT, RA)
         tl.store(yp, (yv + acc * scale).to(y_ptr.dtype.element_ty), mask=m)
 
 
@@ -259,7 +268,8 @@ def expand(y, buf, b_stack, ranks, scales, slice_offsets, meta, n_iters: int | N
     _expand_kernel[grid](
         buf, b_stack, y, ranks, scales, meta.sorted_tokens, meta.seg_start, T, N, R, S, *offs, y.stride(0),
         L=L, NUM_PARTS=buf.shape[0], S_POW2=_pow2(S, 2), BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br,
-        R_TILES=cdiv(R, br), N_ITERS=n_iters, EXACT=y.dtype == torch.float32, num_warps=4, num_stages=2)
+        R_TILES=cdiv(R, br), N_ITERS=n_iters, EXACT=y.dtype == torch.float32, RA=row_align(R), num_warps=4,
+        num_stages=2)
 
 
 def add_lora(y, x, a_stack, b_stack, ranks, scales, slice_offsets, meta, split_k: int | None = None,

@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from triton_interp import run_triton_cases
-from loramux.kernels.lora import (LoRAMeta, add_lora, build_lora_meta, lora_expand, lora_shrink,
-                                  resolve_backend)
+from loramux.kernels.lora import LoRAMeta, add_lora, build_lora_meta, lora_expand, lora_shrink, resolve_backend
+from loramux.kernels.lora_layout import b_block, pack_b
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -23,8 +23,8 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 
 def nan_padded_stacks(ranks, K, offs, R, dtype, g):
-    """Random A [S, L*R, K], B [S, N, R] whose padding past each slot's rank is NaN (a kernel that reads it
-    fails), and scales [S, L]."""
+    """Random A [S, L*R, K] and B stack [S, N, R] (compact blocks, lora_layout.pack_b) whose elements past each
+    slot's rank / outside its blocks are NaN (a kernel that reads one fails), and scales [S, L]."""
     S, L = ranks.shape
     A = (torch.randn(S, L * R, K, generator=g) / K ** 0.5).to(dtype)
     B = torch.randn(S, offs[-1], R, generator=g).to(dtype)
@@ -33,7 +33,7 @@ def nan_padded_stacks(ranks, K, offs, R, dtype, g):
             r = int(ranks[s, i])
             A[s, i * R + r:(i + 1) * R] = float("nan")
             B[s, offs[i]:offs[i + 1], r:] = float("nan")
-    return A, B, torch.rand(S, L, generator=g) * 1.5 + 0.25
+    return A, pack_b(B, ranks, offs, fill=float("nan")), torch.rand(S, L, generator=g) * 1.5 + 0.25
 
 
 def make_case(T, S=5, K=48, widths=(64, 16, 16), R=16, dtype=torch.float32, seed=0, rank_choices=None):
@@ -74,7 +74,7 @@ def naive_add(c, h=None):
         for i in range(len(offs) - 1):
             r = int(c["ranks"][s, i]) if s >= 0 else 0
             if r:
-                b = c["B"][s, offs[i]:offs[i + 1], :r].double()
+                b = b_block(c["B"][s], offs[i], offs[i + 1], r).double()
                 y[t, offs[i]:offs[i + 1]] += float(c["scales"][s, i]) * (b @ h[t, i * R:i * R + r])
     return y
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from loramux.kernels.lora import LoRAMeta, add_lora, build_lora_meta, lora_expand, lora_shrink
+from loramux.kernels.lora_layout import b_block, pack_b
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -29,6 +30,7 @@ def make(T, group, dtype, seed, r_max=R, rank_choices=(0, 8, 16, 32, 64), slots=
     A.view(S, L, r_max, K).masked_fill_((j[None, None, :] >= ranks[:, :, None])[..., None], float("nan"))
     for i in range(L):
         B[:, offs[i]:offs[i + 1]].masked_fill_((j[None, :] >= ranks[:, i:i + 1])[:, None, :], float("nan"))
+    B = pack_b(B, ranks, offs, fill=float("nan"))  # compact blocks; everything else NaN
     scales = torch.rand(S, L, generator=g, device="cuda") * 1.5 + 0.25
     if slots is None:
         slots = torch.randint(-1, S, (T,), generator=g, device="cuda", dtype=torch.int32)
@@ -61,7 +63,7 @@ def ref_add(c, h=None):
         if idx.numel():
             for i in range(len(offs) - 1):
                 if rk[s][i]:
-                    b = c["B"][s, offs[i]:offs[i + 1], :rk[s][i]].double()
+                    b = b_block(c["B"][s], offs[i], offs[i + 1], rk[s][i]).double()
                     y[idx, offs[i]:offs[i + 1]] += sc[s][i] * (h[idx, i * r_max:i * r_max + rk[s][i]] @ b.T)
     return y
 

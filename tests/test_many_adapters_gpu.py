@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from engine_helpers import run_all
+from loramux.kernels.lora_layout import b_block
 from loramux.server.adapter_service import AdapterService
 from loramux.server.engine.request import SamplingParams
 from loramux.server.engine.scheduler import SchedulerConfig
@@ -58,11 +59,11 @@ def test_async_copy_equals_blocking_copy(world, tmp_path, pin):
         for attr in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
             st = getattr(layer, attr).lora
             assert torch.equal(st.ranks[0], st.ranks[1]) and torch.equal(st.scales[0], st.scales[1])
-            r = int(st.ranks[0].max())
-            assert torch.equal(st.b[0, :, :r], st.b[1, :, :r])
+            lin = getattr(layer, attr)
             for i, ri in enumerate(st.ranks[0].tolist()):
-                R = slots.max_rank
+                R, lo, hi = slots.max_rank, lin.slice_offsets[i], lin.slice_offsets[i + 1]
                 assert torch.equal(st.a[0, i * R:i * R + ri], st.a[1, i * R:i * R + ri])
+                assert torch.equal(b_block(st.b[0], lo, hi, ri), b_block(st.b[1], lo, hi, ri))
     assert not slots.in_flight() and slots.last_copy_seconds > 0
     svc.close()
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from loramux.adapters.loader import load_adapter
+from loramux.kernels.lora_layout import b_block
 from loramux.adapters.packed import GROUPS
 from loramux.adapters.spec import BaseModelSpec
 from loramux.server.models.llama import LORA_TARGETS, DecoderModel
@@ -46,7 +47,7 @@ def _real_parts(slots: LoRASlots, slot: int):
             for i, r in enumerate(st.ranks[slot].tolist()):
                 lo, hi = lin.slice_offsets[i], lin.slice_offsets[i + 1]
                 out.append(st.a[slot, i * R:i * R + r].clone())
-                out.append(st.b[slot, lo:hi, :r].clone())
+                out.append(b_block(st.b[slot], lo, hi, r).clone())
     return out
 
 

@@ -34,7 +34,7 @@ class LoRAStacks:
     """Device-resident adapter weights of one packed linear for all slots (see kernels.lora.add_lora)."""
 
     a: torch.Tensor  # [S, L*R, K]
-    b: torch.Tensor  # [S, N, R]
+    b: torch.Tensor  # [S, N, R]: slot-slice [w, rank] blocks stored compactly (kernels/lora_layout.py)
     ranks: torch.Tensor  # [S, L] int32 (0 = slice not targeted in that slot)
     scales: torch.Tensor  # [S, L] fp32
 

@@ -8,6 +8,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from loramux.kernels.lora import LoRAMeta, build_lora_meta
+from loramux.kernels.lora_layout import b_block
 from loramux.server.models.layers import LoRAStacks
 from loramux.server.models.llama import LORA_TARGETS
 from loramux.server.runner.pinned_staging import PinnedStaging
@@ -28,7 +29,7 @@ class _Copy:
 
 class LoRASlots:
     """Allocates the stacks once per packed linear group, over all layers (A [layers, S, L*R, K], B [layers, S,
-    N, R], ranks / scales [layers, S, L]), and attaches each layer's contiguous view [S, ...] to the model's
+    N, R] holding compact [w, r] blocks (kernels/lora_layout.py), ranks / scales [layers, S, L]), and attaches each layer's contiguous view [S, ...] to the model's
     PackedLinear layers; load() writes one adapter into one slot. `table` maps ids to slots. Holding every layer
     in one tensor lets a packed adapter (adapters.packed) land with one strided copy per module.
 
@@ -183,7 +184,12 @@ class LoRASlots:
             lin = getattr(self.model.layers[0], attr)
             lo, hi = lin.slice_offsets[i], lin.slice_offsets[i + 1]
             st.a[:, slot, i * R:i * R + r].copy_(a, non_blocking=nb)
-            st.b[:, slot, lo:hi, :r].copy_(packed.b[m], non_blocking=nb)
+            layer_ranks = packed.ranks[attr][:, i]  # [layers]; below r only with a rank_pattern
+            if bool((layer_ranks == r).all()):
+                b_block(st.b[:, slot], lo, hi, r).copy_(packed.b[m], non_blocking=nb)  # compact [w, r] per layer
+            else:  # each layer's block has its own row stride (kernels/lora_layout.py)
+                for layer, rl in enumerate(layer_ranks.tolist()):
+                    b_block(st.b[layer, slot], lo, hi, rl).copy_(packed.b[m][layer, :, :rl], non_blocking=nb)
         for attr, st in self.stacks.items():
             if attr in packed.ranks:
                 st.ranks[:, slot].copy_(packed.ranks[attr], non_blocking=nb)
@@ -205,7 +211,7 @@ class LoRASlots:
             st, r = lin.lora, a.shape[0]
             lo, hi = lin.slice_offsets[i], lin.slice_offsets[i + 1]
             st.a[slot, i * R:i * R + r].copy_(a, non_blocking=nb)
-            st.b[slot, lo:hi, :r].copy_(b, non_blocking=nb)
+            b_block(st.b[slot], lo, hi, r).copy_(b, non_blocking=nb)
             ranks[layer_idx, _LINEARS.index(attr), i] = r
             scales[layer_idx, _LINEARS.index(attr), i] = adapter.scales[(layer_idx, module)]
         if nb:
