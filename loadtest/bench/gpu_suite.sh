@@ -30,7 +30,9 @@ if [ "$PART" = variants ] || [ "$PART" = all ]; then  # opt-in LoRA paths, each 
     done
     step 70 env LORAMUX_LORA_OVERLAP=1 LORAMUX_FUSED_LORA_MLP=1 python -m $B.bench_gpu_vs_peft --shape llama3-8b \
         --batch 32 --adapters 0,1,32 --skip-hf --json "$OUT/decode_b32_both.json"
-    # r=16 adapters in rank-64 slots (the server default): what reading B rows around the padding costs
+    step 50 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 1 --adapters 0,1 --max-loras 1 --skip-hf \
+        --json "$OUT/decode_b1.json"
+    # r=16 adapters in rank-64 slots (the server default; compact B blocks should make it match rank-16 slots)
     step 70 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 1,32 --max-lora-rank 64 \
         --skip-hf --json "$OUT/decode_b32_slot_rank64.json"
     step 70 env LORAMUX_FUSED_LORA_MLP=1 python -m $B.bench_prefill --shape llama3-8b --prompt-len 2048 \
