@@ -102,5 +102,5 @@ def expand_silu(y, buf, b_stack, ranks, scales, meta, n_iters: int | None = None
         act.stride(0), NUM_PARTS=buf.shape[0], S_POW2=_pow2(S + 1, 2), BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br,
         R_TILES=cdiv(R, br), N_ITERS=n_iters, EXACT=y.dtype == torch.float32, RA=row_align(R),
         RNE_BF16=_rne_bf16(y),
-        num_warps=4, num_stages=2)
+        num_warps=8 if bm >= 64 else 4, num_stages=2)  # 8 warps at prefill tiles: no register spills on sm_90
     return act

@@ -1,7 +1,8 @@
 """Compile every Triton kernel of loramux for an H100 (sm_90) on a machine without a GPU.
 
 Run as a script (its own interpreter: it swaps Triton's active driver):
-`python tests/sm90_compile.py [--quick] [--shard I/N]` (every N-th call from the I-th) prints one JSON object {"compiled": [[kernel, shared bytes, warps, stages], ...], "failed": [[call, error]]}.
+`python tests/sm90_compile.py [--quick] [--shard I/N]` (every N-th call from the I-th) prints one JSON object {"compiled": [[kernel, shared bytes, warps, stages, registers, spill bytes, call], ...],
+"failed": [[call, error]]}.
 How: a stand-in driver reports an sm_90 CUDA target, and JITFunction.run is forced into warmup mode, so each
 launch made by the real wrapper functions (CPU tensors of real model shapes, uninitialised) compiles to a cubin
 with the bundled ptxas and is never launched. This catches what the interpreter cannot: Triton compile errors,
@@ -10,9 +11,14 @@ count see 132 (H100 SXM), as on the device.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import json
+import os
+import re
+import subprocess
 import sys
+import tempfile
 import traceback
 
 import torch
@@ -22,6 +28,20 @@ SHAPES = {  # name: (hidden, heads, kv heads, head dim, intermediate)
     "llama3-8b": (4096, 32, 8, 128, 14336),
     "llama3.2-1b": (2048, 32, 8, 64, 8192),
 }
+
+
+@functools.lru_cache(maxsize=None)
+def resources(cubin: bytes) -> tuple[int, int]:
+    """(registers per thread, local memory bytes per thread = spills) of a cubin, from the bundled cuobjdump."""
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", out)
+    return int(m.group(1)), int(m.group(2)) + int(m.group(3))
 
 
 def install_fake_driver() -> list:
@@ -47,7 +67,8 @@ def install_fake_driver() -> list:
 
     def compile_only(self, *args, grid, warmup, **kwargs):
         k = run(self, *args, grid=grid, warmup=True, **kwargs)
-        compiled.append([self.fn.__name__, k.metadata.shared, k.metadata.num_warps, k.metadata.num_stages])
+        compiled.append([self.fn.__name__, k.metadata.shared, k.metadata.num_warps, k.metadata.num_stages,
+                         *resources(k.asm["cubin"])])
         return k
 
     driver.set_active(Sm90())
@@ -133,8 +154,11 @@ def main(quick: bool, shard: int = 0, shards: int = 1) -> dict:
     for i, (tag, call) in enumerate(calls):
         if i % shards != shard:
             continue
+        n = len(compiled)
         try:
             call()
+            for c in compiled[n:]:
+                c.append(tag)
         except Exception as e:  # noqa: BLE001 - every failure is reported, the run goes on
             failed.append([tag, f"{type(e).__name__}: {e}"[:2000] + traceback.format_exc(limit=3)[-1500:]])
     return {"compiled": compiled, "failed": failed}

@@ -1,5 +1,6 @@
 """Every Triton kernel compiles for an H100 (sm_90) at the server's launch configurations, on this CPU machine
-(tests/sm90_compile.py: a stand-in driver, compile without launch), within the per-block shared memory limit."""
+(tests/sm90_compile.py: a stand-in driver, compile without launch), within the per-block shared memory limit and
+without large register spills at the serving configuration."""
 from __future__ import annotations
 
 import importlib
@@ -7,6 +8,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -47,3 +49,8 @@ def test_every_kernel_compiles_for_sm90():
     assert {c[0] for c in compiled} == all_kernel_names() != set()
     worst = max(compiled, key=lambda c: c[1])
     assert worst[1] <= SM90_MAX_SHARED, f"{worst[0]} needs {worst[1]} bytes of shared memory"
+    # register spills (local memory per thread) at the serving configuration (bf16, rank limit <= 64): a few
+    # bytes exist in the tuned expand kernel; hundreds (a tile too big for 255 registers) are a regression
+    served = [c for c in compiled if "bfloat16" in c[-1] and int((re.findall(r"R=(\d+)", c[-1]) or [0])[0]) <= 64]
+    spiller = max(served, key=lambda c: c[5])
+    assert spiller[5] <= 64, f"{spiller[0]} spills {spiller[5]} bytes per thread ({spiller[-1]})"
