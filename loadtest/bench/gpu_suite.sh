@@ -5,7 +5,7 @@
 #   OUT=/some/dir bash loadtest/bench/gpu_suite.sh many      # 1,000 adapters on 64 slots + baseline (~6 min)
 #   OUT=/some/dir bash loadtest/bench/gpu_suite.sh variants  # opt-in LoRA paths, rank-64 slots (~6 min)
 #   OUT=/some/dir bash loadtest/bench/gpu_suite.sh kernels   # LoRA kernel grid (~2 min)
-#   (no argument: all four)
+#   (no argument: all four; `first` = one call with the decisions first: opt-in paths' tests, decode, many)
 # Run from the repository root with the package importable (pip install -e . or PYTHONPATH, see DESIGN.md §9).
 set -u
 OUT=${OUT:-out/gpu-suite}
@@ -13,6 +13,17 @@ mkdir -p "$OUT"
 step() { local t=$1; shift; echo "== $*"; SECONDS=0; timeout "$t" "$@"; echo "== rc=$? in ${SECONDS}s"; }
 B=loramux.loadtest.bench
 PART=${1:-all}
+if [ "$PART" = first ]; then  # one call, the decisions first: the opt-in paths' GPU tests, their decode, many
+step 150 python -m pytest -q -m gpu tests/test_lora_paths_gpu.py tests/test_attention_kernels_gpu.py \
+    tests/test_engine_gpu.py -k "overlap or fused or table or mixed" -p no:cacheprovider
+step 90 env LORAMUX_LORA_OVERLAP=1 LORAMUX_FUSED_LORA_MLP=1 python -m $B.bench_gpu_vs_peft --shape llama3-8b \
+    --batch 32 --adapters 0,1,32 --skip-hf --json "$OUT/decode_b32_both.json"
+step 60 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 1,32 --skip-hf \
+    --json "$OUT/decode_b32.json"
+step 240 python -m $B.bench_many_adapters --shape llama3-8b --adapters 1000 --ranks 8,16,32,64 --zipf 1.0 \
+    --max-loras 64 --max-cpu-loras 256 --max-cpu-lora-bytes 24000000000 --load 0.9 --duration 20 \
+    --saturation-seconds 10 --mixed-graphs on --json "$OUT/many.json"
+fi
 if [ "$PART" = core ] || [ "$PART" = all ]; then
 step 230 python -m pytest -q -m gpu tests/test_engine_gpu.py tests/test_fused_ops_gpu.py \
     tests/test_many_adapters_gpu.py tests/test_attention_kernels_gpu.py tests/test_lora_paths_gpu.py \
