@@ -222,6 +222,17 @@ def _two_launch(x, a_stack, ranks, meta, backend) -> bool:
     return not _tri()._fused.use_fused(x.shape[0], x.shape[1], R)
 
 
+def _up_to_expand(x, weight, bias, a_stack, b_stack, ranks, scales, offs, meta, overlap):
+    """Triton two-launch path up to its expand -> (y, split-K partials, b_stack, ranks, scales) ready for it."""
+    R = a_stack.shape[1] // ranks.shape[1]
+    ranks, scales = _prep(ranks, scales)
+    x, a_stack, b_stack = _tri_layout(x, None, a_stack, b_stack)
+    overlap = (OVERLAP if overlap is None else overlap) and x.is_cuda
+    y, buf = _gemm_and_shrink(x, weight, bias, a_stack, ranks, meta, overlap)
+    _check_expand(y, b_stack, ranks, scales, offs, R)
+    return y, buf, b_stack, ranks, scales
+
+
 def lora_linear(x, weight, bias, a_stack, b_stack, ranks, scales, slice_offsets, meta, backend="auto",
                 overlap: bool | None = None) -> torch.Tensor:
     """-> y = x W^T (+ bias), then add_lora(y, x, ...). overlap (None = OVERLAP): on CUDA with the Triton
@@ -230,12 +241,8 @@ def lora_linear(x, weight, bias, a_stack, b_stack, ranks, scales, slice_offsets,
         y = torch.nn.functional.linear(x, weight, bias)
         add_lora(y, x, a_stack, b_stack, ranks, scales, slice_offsets, meta, backend)
         return y
-    R = a_stack.shape[1] // ranks.shape[1]
-    ranks, scales = _prep(ranks, scales)
-    x, a_stack, b_stack = _tri_layout(x, None, a_stack, b_stack)
-    overlap = (OVERLAP if overlap is None else overlap) and x.is_cuda
-    y, buf = _gemm_and_shrink(x, weight, bias, a_stack, ranks, meta, overlap)
-    _check_expand(y, b_stack, ranks, scales, tuple(slice_offsets), R)
+    y, buf, b_stack, ranks, scales = _up_to_expand(x, weight, bias, a_stack, b_stack, ranks, scales,
+                                                   tuple(slice_offsets), meta, overlap)
     _tri().expand(y, buf, b_stack, ranks, scales, tuple(slice_offsets), meta)
     return y
 
@@ -253,12 +260,8 @@ def gate_up_silu(x, weight, bias, a_stack, b_stack, ranks, scales, slice_offsets
 
         y = lora_linear(x, weight, bias, a_stack, b_stack, ranks, scales, offs, meta, backend, overlap)
         return silu_mul(y, backend=silu_backend)
-    R = a_stack.shape[1] // ranks.shape[1]
-    ranks, scales = _prep(ranks, scales)
-    x, a_stack, b_stack = _tri_layout(x, None, a_stack, b_stack)
-    overlap = (OVERLAP if overlap is None else overlap) and x.is_cuda
-    y, buf = _gemm_and_shrink(x, weight, bias, a_stack, ranks, meta, overlap)
-    _check_expand(y, b_stack, ranks, scales, offs, R)
+    y, buf, b_stack, ranks, scales = _up_to_expand(x, weight, bias, a_stack, b_stack, ranks, scales, offs, meta,
+                                                   overlap)
     from . import lora_mlp_triton
 
     return lora_mlp_triton.expand_silu(y, buf, b_stack, ranks, scales, meta)
