@@ -4,7 +4,7 @@
 #   OUT=/some/dir bash loadtest/bench/gpu_suite.sh core      # GPU tests, decode, prefill (~6 min)
 #   OUT=/some/dir bash loadtest/bench/gpu_suite.sh many      # 1,000 adapters on 64 slots + baseline (~6 min)
 #   OUT=/some/dir bash loadtest/bench/gpu_suite.sh variants  # opt-in LoRA paths, rank-64 slots (~6 min)
-#   OUT=/some/dir bash loadtest/bench/gpu_suite.sh kernels   # LoRA kernel grid (~2 min)
+#   OUT=/some/dir bash loadtest/bench/gpu_suite.sh kernels   # LoRA kernel grid, LoRA added to the GEMMs per path (~4 min)
 #   (no argument: all four; `first` = one call with the decisions first: opt-in paths' tests, decode, many)
 # Run from the repository root with the package importable (pip install -e . or PYTHONPATH, see DESIGN.md §9).
 set -u
@@ -51,6 +51,7 @@ if [ "$PART" = variants ] || [ "$PART" = all ]; then  # opt-in LoRA paths, each 
 fi
 if [ "$PART" = kernels ] || [ "$PART" = all ]; then
 step 120 python -m $B.bench_lora_kernels --grid --ranks 8,16,64 --json "$OUT/lora_grid.json"
+step 150 python -m $B.bench_lora_linear --rank 16 --json "$OUT/lora_linear.json"  # added to the GEMMs, per path
 fi
 if [ "$PART" = many ] || [ "$PART" = all ]; then
     MANY="--shape llama3-8b --adapters 1000 --ranks 8,16,32,64 --zipf 1.0 --max-loras 64 --max-cpu-loras 256
