@@ -186,8 +186,10 @@ def add_lora(y, x, a_stack, b_stack, ranks, scales, slice_offsets, meta, backend
 # Opt-in until measured on a GPU: the shrink reads only x, so it can run on a side stream while the base GEMM
 # (which it does not depend on) runs; the expand joins both. Decode shrinks cost ~3-4 us each, mostly fixed latency.
 OVERLAP = os.environ.get("LORAMUX_LORA_OVERLAP", "") == "1"
-# Opt-in until measured on a GPU: gate|up expand + SiLU*mul in one kernel (gate_up_silu; lora_mlp_triton.py).
+# Opt-in until measured on a GPU: gate|up expand + SiLU*mul in one kernel (gate_up_silu; lora_mlp_triton.py),
+# q|k|v expand + RoPE + KV write in one kernel (qkv_rope_kv; lora_qkv_triton.py).
 FUSED_MLP = os.environ.get("LORAMUX_FUSED_LORA_MLP", "") == "1"
+FUSED_QKV = os.environ.get("LORAMUX_FUSED_LORA_QKV", "") == "1"
 
 
 @lru_cache(maxsize=None)
@@ -265,3 +267,28 @@ def gate_up_silu(x, weight, bias, a_stack, b_stack, ranks, scales, slice_offsets
     from . import lora_mlp_triton
 
     return lora_mlp_triton.expand_silu(y, buf, b_stack, ranks, scales, meta)
+
+
+def qkv_rope_kv(x, weight, bias, a_stack, b_stack, ranks, scales, slice_offsets, meta, rope: tuple,
+                backend="auto", rope_backend="auto", fused: bool | None = None,
+                overlap: bool | None = None) -> torch.Tensor:
+    """q [T, H, D] of a packed q|k|v linear with per-token LoRA, rotated, k/v written to the paged caches:
+    rope = (positions, cos, sin, k_cache, v_cache, slot_mapping, H, Hkv, D) as rope_kv.rope_write_kv takes them.
+    fused (None = FUSED_QKV) on the Triton two-launch path: GEMM, shrink, then ONE kernel adds the q/k/v deltas,
+    rotates and writes (lora_qkv_triton; equal to the unfused chain, see there). Otherwise lora_linear, then
+    rope_write_kv (rope_backend)."""
+    fused = FUSED_QKV if fused is None else fused
+    offs = tuple(slice_offsets)
+    if not (fused and len(offs) == 4 and _two_launch(x, a_stack, ranks, meta, backend)):
+        from .rope_kv import rope_write_kv
+
+        y = lora_linear(x, weight, bias, a_stack, b_stack, ranks, scales, offs, meta, backend, overlap)
+        return rope_write_kv(y, *rope, backend=rope_backend)
+    y, buf, b_stack, ranks, scales = _up_to_expand(x, weight, bias, a_stack, b_stack, ranks, scales, offs, meta,
+                                                   overlap)
+    from . import lora_qkv_triton
+    from .rope_kv import _check as check_rope
+
+    check_rope(y, *rope)
+
+    return lora_qkv_triton.expand_rope_kv(y, buf, b_stack, ranks, scales, meta, *rope)

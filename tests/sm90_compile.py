@@ -77,7 +77,7 @@ def install_fake_driver() -> list:
 
 
 def lora_calls(quick: bool):
-    from loramux.kernels import lora, lora_fused_triton, lora_mlp_triton, lora_triton
+    from loramux.kernels import lora, lora_fused_triton, lora_mlp_triton, lora_qkv_triton, lora_triton
 
     S = 64
     for name, (h, nh, nkv, d, inter) in SHAPES.items():
@@ -100,6 +100,12 @@ def lora_calls(quick: bool):
             yield tag, lambda: lora_triton.add_lora(y, x, a, b, ranks, scales, offs, meta, fused=False)
             if T <= 64:
                 yield tag + " fused", lambda: lora_fused_triton.fused_add_lora(y, x, a, b, ranks, scales, offs, meta)
+            if widths == (nh * d, nkv * d, nkv * d):
+                kc, pos, cos = torch.empty(64, 16, nkv, d, dtype=dtype), torch.zeros(T, dtype=torch.int64), \
+                    torch.empty(8192, d)
+                yield tag + " expand+rope", lambda: lora_qkv_triton.expand_rope_kv(
+                    y, lora_triton.new_partials(x, a, ranks), b, ranks, scales, meta, pos, cos, cos, kc, kc, pos, nh,
+                    nkv, d)
             if widths == (inter, inter):
                 yield tag + " expand+silu", lambda: lora_mlp_triton.expand_silu(
                     y, lora_triton.new_partials(x, a, ranks), b, ranks, scales, meta)

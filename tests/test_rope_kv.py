@@ -158,10 +158,10 @@ import json, sys
 sys.path.insert(0, {tests!r})
 from engine_helpers import make_engine, run_all
 from loramux.server.engine.request import SamplingParams
-from loramux.server.models import llama
+from loramux.server.models import layers
 calls = []
-real = llama.rope_write_kv
-llama.rope_write_kv = lambda *a, **kw: calls.append(kw["backend"]) or real(*a, **kw)
+real = layers.rope_write_kv
+layers.rope_write_kv = lambda *a, **kw: calls.append(kw["backend"]) or real(*a, **kw)
 engine = make_engine({model!r})
 out = run_all(engine, {prompts!r}, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
 print(json.dumps([out, sorted(set(calls))]))

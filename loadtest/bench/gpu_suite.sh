@@ -12,12 +12,13 @@ OUT=${OUT:-out/gpu-suite}
 mkdir -p "$OUT"
 step() { local t=$1; shift; echo "== $*"; SECONDS=0; timeout "$t" "$@"; echo "== rc=$? in ${SECONDS}s"; }
 B=loramux.loadtest.bench
+ALL_PATHS="LORAMUX_LORA_OVERLAP=1 LORAMUX_FUSED_LORA_MLP=1 LORAMUX_FUSED_LORA_QKV=1"  # the opt-in LoRA paths
 PART=${1:-all}
 if [ "$PART" = first ]; then  # one call, the decisions first: the opt-in paths' GPU tests, their decode, many
 step 150 python -m pytest -q -m gpu tests/test_lora_paths_gpu.py tests/test_attention_kernels_gpu.py \
     tests/test_engine_gpu.py -k "overlap or fused or table or mixed" -p no:cacheprovider
-step 90 env LORAMUX_LORA_OVERLAP=1 LORAMUX_FUSED_LORA_MLP=1 python -m $B.bench_gpu_vs_peft --shape llama3-8b \
-    --batch 32 --adapters 0,1,32 --skip-hf --json "$OUT/decode_b32_both.json"
+step 90 env $ALL_PATHS python -m $B.bench_gpu_vs_peft --shape llama3-8b \
+    --batch 32 --adapters 0,1,32 --skip-hf --json "$OUT/decode_b32_all_paths.json"
 step 60 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 1,32 --skip-hf \
     --json "$OUT/decode_b32.json"
 step 240 python -m $B.bench_many_adapters --shape llama3-8b --adapters 1000 --ranks 8,16,32,64 --zipf 1.0 \
@@ -35,19 +36,19 @@ step 70 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 64 --adapters 0
 step 70 python -m $B.bench_prefill --shape llama3-8b --prompt-len 2048 --json "$OUT/prefill.json"
 fi
 if [ "$PART" = variants ] || [ "$PART" = all ]; then  # opt-in LoRA paths, each beside its own base in the run
-    for v in LORAMUX_LORA_OVERLAP LORAMUX_FUSED_LORA_MLP; do
+    for v in LORAMUX_LORA_OVERLAP LORAMUX_FUSED_LORA_MLP LORAMUX_FUSED_LORA_QKV; do
         step 70 env $v=1 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 0,1,32 --skip-hf \
             --json "$OUT/decode_b32_$v.json"
     done
-    step 70 env LORAMUX_LORA_OVERLAP=1 LORAMUX_FUSED_LORA_MLP=1 python -m $B.bench_gpu_vs_peft --shape llama3-8b \
-        --batch 32 --adapters 0,1,32 --skip-hf --json "$OUT/decode_b32_both.json"
+    step 70 env $ALL_PATHS python -m $B.bench_gpu_vs_peft --shape llama3-8b \
+        --batch 32 --adapters 0,1,32 --skip-hf --json "$OUT/decode_b32_all_paths.json"
     step 50 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 1 --adapters 0,1 --max-loras 1 --skip-hf \
         --json "$OUT/decode_b1.json"
     # r=16 adapters in rank-64 slots (the server default; compact B blocks should make it match rank-16 slots)
     step 70 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 1,32 --max-lora-rank 64 \
         --skip-hf --json "$OUT/decode_b32_slot_rank64.json"
-    step 70 env LORAMUX_FUSED_LORA_MLP=1 python -m $B.bench_prefill --shape llama3-8b --prompt-len 2048 \
-        --json "$OUT/prefill_LORAMUX_FUSED_LORA_MLP.json"
+    step 70 env LORAMUX_FUSED_LORA_MLP=1 LORAMUX_FUSED_LORA_QKV=1 python -m $B.bench_prefill --shape llama3-8b \
+        --prompt-len 2048 --json "$OUT/prefill_fused_expands.json"
 fi
 if [ "$PART" = kernels ] || [ "$PART" = all ]; then
 step 120 python -m $B.bench_lora_kernels --grid --ranks 8,16,64 --json "$OUT/lora_grid.json"

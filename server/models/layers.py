@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from loramux.kernels import fused_ops
+from loramux.kernels.rope_kv import rope_write_kv
 
 from .forward_context import ForwardContext
 
@@ -61,6 +62,17 @@ class PackedLinear(nn.Module):
         st = self.lora
         return lora_linear(x, self.weight, self.bias, st.a, st.b, st.ranks, st.scales, self.slice_offsets,
                            ctx.lora_meta, backend=ctx.lora_backend)
+
+    def rope_write_kv(self, x: torch.Tensor, ctx: ForwardContext, rope: tuple, backend: str) -> torch.Tensor:
+        """q of this q|k|v linear's output, rotated, k/v written to the cache (fused-ops path; rope: the args of
+        kernels.rope_kv.rope_write_kv after qkv); with adapters, through kernels.lora.qkv_rope_kv."""
+        if self.lora is None or ctx.lora_meta is None:
+            return rope_write_kv(nn.functional.linear(x, self.weight, self.bias), *rope, backend=backend)
+        from loramux.kernels.lora import qkv_rope_kv
+
+        st = self.lora
+        return qkv_rope_kv(x, self.weight, self.bias, st.a, st.b, st.ranks, st.scales, self.slice_offsets,
+                           ctx.lora_meta, rope, backend=ctx.lora_backend, rope_backend=backend)
 
     def silu_mul(self, x: torch.Tensor, ctx: ForwardContext, backend: str) -> torch.Tensor:
         """silu(gate) * up of this gate|up linear's output (fused-ops path); with adapters in the step, through

@@ -5,7 +5,6 @@ import torch
 from torch import nn
 
 from loramux.kernels.attention import paged_attention, paged_attention_table, write_kv
-from loramux.kernels.rope_kv import rope_write_kv
 
 from .forward_context import ForwardContext
 from .layers import PackedLinear, RMSNorm
@@ -36,12 +35,13 @@ class DecoderLayer(nn.Module):
         """Normed hidden [T, hidden] -> o_proj output [T, hidden] (no residual)."""
         cfg = self.cfg
         T = h.shape[0]
-        qkv = self.qkv_proj(h, ctx)  # [T, q_size + 2 * kv_size]
         fused = self.input_layernorm.fused_backend  # fused ops on (default): one launch for split + RoPE + KV write
         if fused is not None:
-            q = rope_write_kv(qkv, ctx.positions, self.rope.cos, self.rope.sin, kv[0], kv[1], ctx.slot_mapping,
-                              cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, backend=fused)
+            rope = (ctx.positions, self.rope.cos, self.rope.sin, kv[0], kv[1], ctx.slot_mapping, cfg.num_heads,
+                    cfg.num_kv_heads, cfg.head_dim)
+            q = self.qkv_proj.rope_write_kv(h, ctx, rope, fused)
         else:  # unfused reference path (LORAMUX_FUSED_OPS=0)
+            qkv = self.qkv_proj(h, ctx)  # [T, q_size + 2 * kv_size]
             q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
             q = q.reshape(T, cfg.num_heads, cfg.head_dim)
             k = k.reshape(T, cfg.num_kv_heads, cfg.head_dim)
