@@ -28,15 +28,24 @@ def test_token_buckets():
     assert default_token_buckets(100, 200) == [100]
 
 
-def test_mixed_steps_in_the_interpreter():
+# LoRA through the torch reference, or through the Triton kernels with the opt-in fused expands (their launches
+# inside padded buckets: padding tokens carry no adapter and write K/V into the scratch block)
+LORA_PATHS = {"torch-lora": {"LORAMUX_TEST_LORA_BACKEND": "torch"},
+              "triton-lora-fused": {"LORAMUX_TEST_LORA_BACKEND": "triton", "LORAMUX_FUSED_LORA_MLP": "1",
+                                    "LORAMUX_FUSED_LORA_QKV": "1"}}
+
+
+@pytest.mark.parametrize("path", list(LORA_PATHS))
+def test_mixed_steps_in_the_interpreter(path):
     from triton_interp import run_triton_cases
 
-    run_triton_cases(__file__, "table_attention_steps_equal_eager", {"LORAMUX_KERNEL_BACKEND": ""},
+    run_triton_cases(__file__, "table_attention_steps_equal_eager", {"LORAMUX_KERNEL_BACKEND": "", **LORA_PATHS[path]},
                      timeout=900, allow_skips=False)
 
 
 def _engine(base, adapters, tmp, mixed: bool):
-    engine = make_engine(base, num_blocks=48, budget=24, max_seqs=4, max_model_len=128, kernel_backend="torch")
+    engine = make_engine(base, num_blocks=48, budget=24, max_seqs=4, max_model_len=128,
+                         kernel_backend=os.environ.get("LORAMUX_TEST_LORA_BACKEND", "torch"))
     svc = AdapterService(tmp, ModelConfig.from_dir(base).raw, torch.float32, 4, 16, 8)
     for name, path in adapters.items():
         svc.register_dir(name, path)
