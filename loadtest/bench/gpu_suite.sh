@@ -15,8 +15,9 @@ B=loramux.loadtest.bench
 ALL_PATHS="LORAMUX_LORA_OVERLAP=1 LORAMUX_FUSED_LORA_MLP=1 LORAMUX_FUSED_LORA_QKV=1"  # the opt-in LoRA paths
 PART=${1:-all}
 if [ "$PART" = first ]; then  # one call, the decisions first: the opt-in paths' GPU tests, their decode, many
-step 150 python -m pytest -q -m gpu tests/test_lora_paths_gpu.py tests/test_attention_kernels_gpu.py \
-    tests/test_engine_gpu.py -k "overlap or fused or table or mixed" -p no:cacheprovider
+step 200 python -m pytest -q -m gpu tests/test_lora_paths_gpu.py tests/test_attention_kernels_gpu.py \
+    tests/test_engine_gpu.py tests/test_lora_kernels_gpu.py tests/test_many_adapters_gpu.py \
+    -k "overlap or fused_gate or fused_qkv or table or mixed_step or rank_range or async" -p no:cacheprovider
 step 90 env $ALL_PATHS python -m $B.bench_gpu_vs_peft --shape llama3-8b \
     --batch 32 --adapters 0,1,32 --skip-hf --json "$OUT/decode_b32_all_paths.json"
 step 60 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 1,32 --skip-hf \
