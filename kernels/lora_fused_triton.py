@@ -2,10 +2,10 @@
 
 At decode sizes (T <= 64) the two-launch path (lora_triton.shrink + expand) is bound by per-launch overhead, not
 bytes, so one launch per linear group is worth recomputing a little. Work decomposition (grid of 2 axes):
-  axis 0: column chunk of CH = BLOCK_N * N_ITERS columns inside one slice (lora_triton._slice_chunk, the same
+  axis 0: column chunk of CH = BLOCK_N * N_ITERS columns inside one slice (lora_tiles_triton._slice_chunk, the same
           mapping as the expand kernel); fastest axis, so the programs that re-read one (slot, slice) of A
           from L2 run side by side;
-  axis 1: BLOCK_M-row tile of one slot's token segment (lora_triton._segment_tile, the shrink/expand numbering);
+  axis 1: BLOCK_M-row tile of one slot's token segment (lora_tiles_triton._segment_tile, the shrink/expand numbering);
           size cdiv(T, BLOCK_M) + min(S, T), from T and S only (CUDA-graph capturable).
 Each program computes h = x[tile] @ A[slot, slice rows :rank]^T over the whole K (fp32 accumulate, only that
 slice's A rows), then y[tile, chunk] += scale * h @ B[slot, chunk, :rank]^T, in place. Every y element is
@@ -36,7 +36,8 @@ import triton.language as tl
 
 from .backend import cdiv
 from .lora_layout import row_align
-from .lora_triton import _b_stride, _block_m, _dot_f32, _pow2, _segment_tile, _slice_chunk, slice_chunks
+from .lora_tiles_triton import _b_stride, _segment_tile, _slice_chunk, slice_chunks
+from .lora_triton import _block_m, _dot_f32, _pow2
 
 # Off by default: on the H100 (Llama-3-8B layer, CUDA graphs) this kernel took 1.5-2.7x the two-launch time at
 # every decode shape measured (e.g. r=16, T=32, D=8: 98 vs 48 us per layer; docs/performance.md): one program

@@ -7,7 +7,8 @@ y's dtype exactly as the in-place expand would, and writes act = silu(gate) * up
 result equals the unfused Triton chain bit for bit. Every token needs act, adapter or not: the tile numbering runs
 over S + 1 groups, the last being the tokens without adapter (sorted last by build_lora_meta), which only get
 SiLU*mul. Layouts: y [T, 2I] (gate | up; any row stride), buf fp32 [P, T, 2R] split-K partials of the shrink,
-b [S, 2I, R] (compact blocks, lora_layout.py), ranks int32 [S, 2], scales fp32 [S, 2] (slice 0 = gate, 1 = up), act [T, I].
+b [S, 2I, R] (compact blocks, lora_layout.py), ranks int32 [S, 2], scales fp32 [S, 2] (slice 0 = gate, 1 = up),
+act [T, I].
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ import triton.language as tl
 from .backend import cdiv
 from .fused_ops_triton import _cast, _rne_bf16
 from .lora_layout import row_align
-from .lora_triton import _block_m, _first_h, _lora_delta, _pick_tile, _pow2
+from .lora_tiles_triton import _first_h, _lora_delta, _pick_tile
+from .lora_triton import _block_m, _pow2
 
 
 @triton.jit

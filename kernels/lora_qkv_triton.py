@@ -20,7 +20,8 @@ from .backend import cdiv, next_pow2
 from .fused_ops_triton import _cast, _rne_bf16
 from .lora_layout import row_align
 from .lora_mlp_triton import _segment_tile_all, _with_delta
-from .lora_triton import _block_m, _first_h, _pow2
+from .lora_tiles_triton import _first_h
+from .lora_triton import _block_m, _pow2
 
 
 @triton.jit

@@ -1,8 +1,8 @@
 """Compile every Triton kernel of loramux for an H100 (sm_90) on a machine without a GPU.
 
 Run as a script (its own interpreter: it swaps Triton's active driver):
-`python tests/sm90_compile.py [--quick] [--shard I/N]` (every N-th call from the I-th) prints one JSON object {"compiled": [[kernel, shared bytes, warps, stages, registers, spill bytes, call], ...],
-"failed": [[call, error]]}.
+`python tests/sm90_compile.py [--quick] [--shard I/N]` (every N-th call from the I-th) prints one JSON object
+{"compiled": [[kernel, shared bytes, warps, stages, registers, spill bytes, call], ...], "failed": [[call, error]]}.
 How: a stand-in driver reports an sm_90 CUDA target, and JITFunction.run is forced into warmup mode, so each
 launch made by the real wrapper functions (CPU tensors of real model shapes, uninitialised) compiles to a cubin
 with the bundled ptxas and is never launched. This catches what the interpreter cannot: Triton compile errors,

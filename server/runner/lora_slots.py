@@ -29,9 +29,10 @@ class _Copy:
 
 class LoRASlots:
     """Allocates the stacks once per packed linear group, over all layers (A [layers, S, L*R, K], B [layers, S,
-    N, R] holding compact [w, r] blocks (kernels/lora_layout.py), ranks / scales [layers, S, L]), and attaches each layer's contiguous view [S, ...] to the model's
-    PackedLinear layers; load() writes one adapter into one slot. `table` maps ids to slots. Holding every layer
-    in one tensor lets a packed adapter (adapters.packed) land with one strided copy per module.
+    N, R] holding compact [w, r] blocks (kernels/lora_layout.py), ranks / scales [layers, S, L]), and attaches
+    each layer's contiguous view [S, ...] to the model's PackedLinear layers; load() writes one adapter into one
+    slot. `table` maps ids to slots. Holding every layer in one tensor lets a packed adapter (adapters.packed)
+    land with one strided copy per module.
 
     On CUDA, start_load() issues the copies on a separate stream, after the work already queued on the compute
     stream (from the caller's thread for a pinned packed adapter, else from a worker thread), and records an
