@@ -5,7 +5,8 @@
 #   OUT=/some/dir bash loadtest/bench/gpu_suite.sh many      # 1,000 adapters on 64 slots + baseline (~6 min)
 #   OUT=/some/dir bash loadtest/bench/gpu_suite.sh variants  # opt-in LoRA paths, rank-64 slots (~6 min)
 #   OUT=/some/dir bash loadtest/bench/gpu_suite.sh kernels   # LoRA kernel grid, LoRA added to the GEMMs per path (~4 min)
-#   (no argument: all four; `first` = one call with the decisions first: opt-in paths' tests, decode, many)
+#   (no argument: all four; `first` = one call with the decisions first: opt-in paths' tests, decode, many;
+#   `quick` = `first` without many, ~6 min, for a call with little device time left)
 # Run from the repository root with the package importable (pip install -e . or PYTHONPATH, see DESIGN.md §9).
 set -u
 OUT=${OUT:-out/gpu-suite}
@@ -14,7 +15,8 @@ step() { local t=$1; shift; echo "== $*"; SECONDS=0; timeout "$t" "$@"; echo "==
 B=loramux.loadtest.bench
 ALL_PATHS="LORAMUX_LORA_OVERLAP=1 LORAMUX_FUSED_LORA_MLP=1 LORAMUX_FUSED_LORA_QKV=1"  # the opt-in LoRA paths
 PART=${1:-all}
-if [ "$PART" = first ]; then  # one call, the decisions first: the opt-in paths' GPU tests, their decode, many
+if [ "$PART" = first ] || [ "$PART" = quick ]; then  # one call, the decisions first: the opt-in paths' GPU tests,
+    # their decode beside the default paths, then (first only) 1,000 adapters with mixed-step graphs
 step 200 python -m pytest -q -m gpu tests/test_lora_paths_gpu.py tests/test_attention_kernels_gpu.py \
     tests/test_engine_gpu.py tests/test_lora_kernels_gpu.py tests/test_many_adapters_gpu.py \
     -k "overlap or fused_gate or fused_qkv or table or mixed_step or rank_range or async" -p no:cacheprovider
@@ -22,9 +24,9 @@ step 90 env $ALL_PATHS python -m $B.bench_gpu_vs_peft --shape llama3-8b \
     --batch 32 --adapters 0,1,32 --skip-hf --json "$OUT/decode_b32_all_paths.json"
 step 60 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 1,32 --skip-hf \
     --json "$OUT/decode_b32.json"
-step 240 python -m $B.bench_many_adapters --shape llama3-8b --adapters 1000 --ranks 8,16,32,64 --zipf 1.0 \
-    --max-loras 64 --max-cpu-loras 256 --max-cpu-lora-bytes 24000000000 --load 0.9 --duration 20 \
-    --saturation-seconds 10 --mixed-graphs on --json "$OUT/many.json"
+[ "$PART" = first ] && step 240 python -m $B.bench_many_adapters --shape llama3-8b --adapters 1000 \
+    --ranks 8,16,32,64 --zipf 1.0 --max-loras 64 --max-cpu-loras 256 --max-cpu-lora-bytes 24000000000 --load 0.9 \
+    --duration 20 --saturation-seconds 10 --mixed-graphs on --json "$OUT/many.json"
 fi
 if [ "$PART" = core ] || [ "$PART" = all ]; then
 step 230 python -m pytest -q -m gpu tests/test_engine_gpu.py tests/test_fused_ops_gpu.py \
