@@ -183,6 +183,11 @@ class Runtime:
         attach_adapters(self.engine, self.adapters, not config.sync_adapter_copies and self.device.type == "cuda")
         log.info("adapters: %d GPU slots of rank <= %d (%.1f MiB), registry %s", config.max_loras,
                  config.max_lora_rank, self.adapters.device_slots.nbytes / 2**20, config.resolved_adapter_dir)
+        from loramux.kernels import lora as lora_ops
+
+        log.info("LoRA kernels: %s; experimental paths (env, CUDA + Triton only): shrink overlap %s, fused MLP "
+                 "expand %s, fused QKV expand %s", self.engine.runner.kernel_backend,
+                 *("on" if f else "off" for f in (lora_ops.OVERLAP, lora_ops.FUSED_MLP, lora_ops.FUSED_QKV)))
         self._register_startup_adapters(config)
         if self.device.type == "cuda" and not config.enforce_eager and parallel is None:
             self.engine.runner.enable_cuda_graphs(config.max_num_seqs,
