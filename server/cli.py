@@ -66,9 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
           "worker processes hold the other shards (NCCL on CUDA, gloo on CPU)", 1, int)
     s.add_argument("--enforce-eager", action="store_true", default=_bool_env("enforce-eager"),
                    help="run every step eagerly instead of replaying CUDA graphs [env LORAMUX_ENFORCE_EAGER]")
-    s.add_argument("--mixed-step-graphs", action="store_true", default=_bool_env("mixed-step-graphs"),
+    s.add_argument("--mixed-step-graphs", action=argparse.BooleanOptionalAction,
+                   default=_env("mixed-step-graphs", "1").lower() not in ("0", "false", "no", "off"),
                    help="also capture CUDA graphs for steps with prompt tokens, per token bucket up to "
-                        "--max-num-batched-tokens (new: not yet measured on a GPU) [env LORAMUX_MIXED_STEP_GRAPHS]")
+                        "--max-num-batched-tokens (--no-mixed-step-graphs: such steps run eagerly) "
+                        "[env LORAMUX_MIXED_STEP_GRAPHS]")
     s.add_argument("--sync-adapter-copies", action="store_true", default=_bool_env("sync-adapter-copies"),
                    help="copy adapters into GPU slots synchronously on the engine thread instead of on a side CUDA "
                         "stream overlapped with decoding [env LORAMUX_SYNC_ADAPTER_COPIES]")

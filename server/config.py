@@ -38,7 +38,7 @@ class ServerConfig:
     kernel_backend: str = "auto"
     tensor_parallel_size: int = 1  # >1: offline engine only so far (server/distributed); serve refuses it
     enforce_eager: bool = False  # no CUDA graphs at all
-    mixed_step_graphs: bool = False  # CUDA graphs also for steps with prompt tokens (opt-in until measured on a GPU)
+    mixed_step_graphs: bool = True  # CUDA graphs also for steps with prompt tokens (per token bucket)
     sync_adapter_copies: bool = False  # CPU -> GPU slot copies on the engine thread's stream (default: side stream)
     adapter_load_processes: int = 0  # disk -> CPU loads in this many worker processes; 0 = loader threads
     pin_adapter_cache: bool = False  # page-lock the CPU adapter cache (faster uploads, slow pinning per load)

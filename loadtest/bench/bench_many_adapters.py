@@ -197,7 +197,7 @@ def main(argv=None) -> dict:
                    help="disk loads in worker processes (0: threads of this process)")
     p.add_argument("--cpu-cache", choices=("pinned", "pageable"), default="pageable",
                    help="page-locked CPU cache, or pageable with uploads staged through pinned buffers")
-    p.add_argument("--mixed-graphs", choices=("on", "off"), default="off",
+    p.add_argument("--mixed-graphs", choices=("on", "off"), default="on",
                    help="CUDA graphs for steps with prompt tokens too (the server's --mixed-step-graphs)")
     p.add_argument("--packed-cache", choices=("on", "off"), default="on",
                    help="packed adapter files on disk (as the server: a reload maps the file the first load wrote)")
