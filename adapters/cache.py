@@ -72,6 +72,11 @@ class CpuAdapterCache:
                 self._bytes -= item.nbytes
             return item
 
+    def mean_nbytes(self) -> int:
+        """Mean size of the cached adapters (0 when empty): the prefetch window's guess for one still on disk."""
+        with self._lock:
+            return self._bytes // len(self._items) if self._items else 0
+
     def __contains__(self, adapter_id: str) -> bool:
         with self._lock:
             return adapter_id in self._items

@@ -161,15 +161,18 @@ class SlotGate:
         for aid in reversed(wanted):
             if aid in resident and aid not in held and self.table.acquire(aid) is not None:
                 self.table.release(aid)  # re-queued as the most recently idle
-        window, nbytes = [], 0
+        # Adapters still on disk count as the cached mean: counting them as 0 bytes let the window outgrow the
+        # byte budget, and its loads then evicted each other (thousands of reloads per minute under a deep queue).
+        window, nbytes, guess = [], 0, self.cache.mean_nbytes()
         for aid in wanted:
             if aid in resident:
                 continue
             item = self.cache.peek(aid)
-            if len(window) >= self.cache.max_adapters or (self.cache.max_bytes is not None and item is not None
-                                                          and nbytes + item.nbytes > self.cache.max_bytes):
+            size = item.nbytes if item is not None else guess
+            if len(window) >= self.cache.max_adapters or (self.cache.max_bytes is not None and window
+                                                          and nbytes + size > self.cache.max_bytes):
                 break
-            nbytes += item.nbytes if item is not None else 0
+            nbytes += size
             window.append(aid)
         self._window = set(window)
         self.cache.touch(reversed(window))  # the most urgent becomes the most recent: evicted last

@@ -95,12 +95,17 @@ def warm_up_requests(engine, args, adapter: str, vocab: int) -> None:
 def saturation_rate(engine, args, pick_adapter, vocab: int, seconds: float = 20.0,
                     warm: float = 0.0) -> tuple[float, float]:
     """Closed loop, --max-num-seqs requests always in flight, each on pick_adapter(rng) -> (requests/s,
-    generated tokens/s) over `seconds`, after `warm` seconds of the same loop that are not counted (caches fill)."""
+    generated tokens/s) over `seconds`, after `warm` seconds of the same loop that are not counted (caches fill).
+    Prints where the measured time went: steps, requests per step, step and model time, slot-copy totals."""
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
     rng, n, done, tokens, t0 = random.Random(1), 0, 0, 0, time.perf_counter()
+    slots = engine.runner.lora_slots
+    diag = dict.fromkeys(("steps", "empty_steps", "requests", "step_s", "model_s"), 0.0)
+    copies0 = dict(getattr(slots, "copy_seconds", {}))
     while time.perf_counter() - t0 < warm + seconds:
         if warm and time.perf_counter() - t0 >= warm:
             warm, done, tokens, t0 = 0.0, 0, 0, time.perf_counter()
+            diag, copies0 = dict.fromkeys(diag, 0.0), dict(getattr(slots, "copy_seconds", {}))
         while len(engine.requests) < args.max_num_seqs:
             engine.add_request(f"s{n}-{t0}", [rng.randrange(1, vocab) for _ in range(args.prompt_len)], params,
                                pick_adapter(rng))
@@ -108,7 +113,15 @@ def saturation_rate(engine, args, pick_adapter, vocab: int, seconds: float = 20.
         outs = engine.step()
         done += sum(o.finished for o in outs)
         tokens += sum(len(o.new_token_ids) for o in outs)
+        st = engine.last_step
+        for k, v in (("steps", 1), ("empty_steps", st.num_requests == 0), ("requests", st.num_requests),
+                     ("step_s", st.step_time), ("model_s", st.model_time)):
+            diag[k] += v
     wall = time.perf_counter() - t0
+    copies = {k: round(v - copies0.get(k, 0.0), 3) for k, v in getattr(slots, "copy_seconds", {}).items()}
+    print(f"  closed loop {wall:.1f} s: {diag['steps']:.0f} steps ({diag['empty_steps']:.0f} with no request), "
+          f"{diag['requests'] / max(diag['steps'], 1):.1f} requests per step, step time {diag['step_s']:.2f} s "
+          f"(model {diag['model_s']:.2f} s); slot-copy seconds {copies}", flush=True)
     drain(engine)
     return done / wall, tokens / wall
 

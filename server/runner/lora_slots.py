@@ -67,6 +67,8 @@ class LoRASlots:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-copy")  # FIFO: copies in order
             self._staging = PinnedStaging(2)  # pageable packed adapters pass through it (2: one copy overlaps)
         self.last_copy_seconds = 0.0  # device time of the last completed copy (CUDA) or its wall time (CPU)
+        # totals for benchmarks: copy-thread seconds staging into pinned memory / issuing, copy device seconds
+        self.copy_seconds = {"staging": 0.0, "issue": 0.0, "device": 0.0}
 
     def slot_of(self, adapter_id: str) -> int:
         slot = self.table.lookup(adapter_id)
@@ -112,11 +114,14 @@ class LoRASlots:
         staged = packed = getattr(copy.adapter, "packed", None)
         buf = None
         if packed is not None and not packed.is_pinned and self._fits(packed) and self._staging is not None:
+            t0 = time.perf_counter()
             try:  # on the copy thread: one memcpy into a reused page-locked buffer, then async copies from it
                 buf = self._staging.acquire(packed.buffer.numel())
                 staged = packed.copied_to(buf.data)
             except RuntimeError:  # page-locked memory exhausted: blocking copies from pageable memory still work
                 buf = None
+            self.copy_seconds["staging"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
         try:
             with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
                 self._stream.wait_event(copy.after)
@@ -127,6 +132,7 @@ class LoRASlots:
                     self._write(slot, copy.adapter, copy.keep)
                 copy.done.record(self._stream)
         finally:
+            self.copy_seconds["issue"] += time.perf_counter() - t0
             if buf is not None:
                 self._staging.release(buf, copy.done)
 
@@ -145,6 +151,7 @@ class LoRASlots:
         if not copy.done.query():
             return False
         self.last_copy_seconds = copy.start.elapsed_time(copy.done) / 1000.0
+        self.copy_seconds["device"] += self.last_copy_seconds
         with self._lock:
             if self._inflight.get(slot) is copy:
                 del self._inflight[slot]
