@@ -29,15 +29,15 @@ step 60 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 1
     --ranks 8,16,32,64 --zipf 1.0 --max-loras 64 --max-cpu-loras 256 --max-cpu-lora-bytes 24000000000 --load 0.9 \
     --duration 20 --saturation-seconds 10 --mixed-graphs on --json "$OUT/many.json"
 fi
-if [ "$PART" = refresh ]; then  # one call after `first`: the engine GPU tests and every headline figure
-step 150 python -m pytest -q -m gpu tests/test_engine_gpu.py tests/test_fused_ops_gpu.py -p no:cacheprovider
-step 100 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 0,1,8,32 --skip-hf \
-    --json "$OUT/decode_b32.json"
+if [ "$PART" = refresh ]; then  # one call after `first`: the 1,000-adapter closed loop, headline figures, tests
+step 150 python -m $B.bench_many_adapters --shape llama3-8b --adapters 1000 --ranks 8,16,32,64 --zipf 1.0 \
+    --max-loras 64 --max-cpu-loras 256 --max-cpu-lora-bytes 24000000000 --saturation-seconds 10 --closed-loop-only
 step 70 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 64 --adapters 0,64 --max-loras 64 --skip-hf \
     --json "$OUT/decode_b64.json"
 step 70 python -m $B.bench_prefill --shape llama3-8b --prompt-len 2048 --json "$OUT/prefill.json"
-step 150 python -m $B.bench_many_adapters --shape llama3-8b --adapters 1000 --ranks 8,16,32,64 --zipf 1.0 \
-    --max-loras 64 --max-cpu-loras 256 --max-cpu-lora-bytes 24000000000 --saturation-seconds 10 --closed-loop-only
+step 100 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 0,1,8,32 --skip-hf \
+    --json "$OUT/decode_b32.json"
+step 150 python -m pytest -q -m gpu tests/test_engine_gpu.py tests/test_fused_ops_gpu.py -p no:cacheprovider
 fi
 if [ "$PART" = core ] || [ "$PART" = all ]; then
 step 230 python -m pytest -q -m gpu tests/test_engine_gpu.py tests/test_fused_ops_gpu.py \
