@@ -26,10 +26,12 @@ def serve_env_names() -> set[str]:
     serve = sub.choices["serve"]
     names = set()
     for action in serve._actions:
-        for opt in action.option_strings:
-            if opt.startswith("--") and opt != "--help":
-                names.add("LORAMUX_" + opt[2:].upper().replace("-", "_"))
+        # the first long name only: a --x / --no-x pair reads one variable, LORAMUX_X
+        opt = next((o for o in action.option_strings if o.startswith("--")), None)
+        if opt is not None and opt != "--help":
+            names.add("LORAMUX_" + opt[2:].upper().replace("-", "_"))
     return names
+
 
 def env_pairs(args: str) -> dict[str, str]:
     return dict(tok.split("=", 1) for tok in args.split() if "=" in tok)
