@@ -229,3 +229,24 @@ def test_prefetch_fills_free_slots_ahead(world, tmp_path):
     assert st["prefetches_total"]["gpu"] >= 2 and st["prefetch_hits_total"]["gpu"] >= 2, st
     assert st["prefetch_wasted_total"] == 0
     _assert_clean(engine, svc)
+
+
+def test_prefetch_window_keeps_to_the_cpu_byte_budget(world, tmp_path):
+    """Adapters still on disk count at the cached mean size: a deep queue of cold adapters starts only as many
+    disk loads as the CPU cache's byte budget holds, so the loads do not evict each other (an ~8x reload storm
+    on the H100 when they counted as 0 bytes)."""
+    base, adapters, _, _ = world
+    names = [f"a{i}" for i in range(8)]
+    svc = AdapterService(tmp_path / "reg", ModelConfig.from_dir(base).raw, torch.float32, 2, 32, 8)
+    for n in names:
+        svc.register_dir(n, adapters["all-r8"])  # same weights: every id has the same size
+    keys = [svc.store.key(svc._find(n, None, None)) for n in names]  # no resolve(): it would warm the cache
+    size = svc.loader.get_blocking(keys[0], timeout=60).nbytes
+    svc.cache.max_bytes = int(2.5 * size)
+    svc.prefetch(keys[1:])  # seven cold adapters wanted, room for two beside nothing else wanted
+    deadline = time.monotonic() + 60
+    while svc.loader.loading() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert svc.loader.loads == 3, svc.loader.loads  # keys[0], then the two the budget holds
+    assert svc.cache.stats()["evictions"] <= 1  # only keys[0], which nobody waits for
+    svc.close()
