@@ -17,6 +17,10 @@ class SlotGate:
     prefetch, admitted. A slot being copied into is held by one reference of the gate's own and is granted
     only once its copy has completed (device_slots.ready: an event query on CUDA, never a wait)."""
 
+    # Copies run FIFO on one copy stream: a longer queue only delays the next request that needs a slot (seconds
+    # on the H100 when prefetch queued a copy for every waiting adapter) and takes slots long before their use.
+    max_prefetch_copies = 4
+
     def _init_gate(self) -> None:
         self.counters = dict.fromkeys(("gpu_hits", "gpu_loads", "gpu_evictions", "waits", "prefetch_gpu",
                                        "prefetch_disk", "prefetch_hits_gpu", "prefetch_hits_cpu",
@@ -150,7 +154,8 @@ class SlotGate:
     def prefetch(self, wanted: list[str], urgent: set[str] = frozenset()) -> None:
         """Adapters of waiting requests, most urgent first: load the first ones from disk (as many as the CPU cache
         holds) and copy those already in CPU memory into free slots, or into idle slots no waiting request wants.
-        Idle slots of wanted adapters become the most recently used (so LRU eviction takes others first)."""
+        Idle slots of wanted adapters become the most recently used (so LRU eviction takes others first). At most
+        max_prefetch_copies slot copies are in flight from prefetch (a request's own copy is not held back)."""
         for aid in list(self._copying):
             try:
                 self._finish_copy(aid, grant=False)
@@ -184,7 +189,8 @@ class SlotGate:
                     self._prefetched_cpu.add(aid)
                     self.counters["prefetch_disk"] += 1
             loaded = self.cache.peek(aid)
-            if gpu and loaded is not None and self._may_take_slot(aid, prefetch=True):
+            if gpu and loaded is not None and len(self._copying) < self.max_prefetch_copies and \
+                    self._may_take_slot(aid, prefetch=True):
                 self.cache.get(aid)  # counted as a CPU-tier hit
                 self._used_cpu(aid)
                 try:

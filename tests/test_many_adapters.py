@@ -250,3 +250,23 @@ def test_prefetch_window_keeps_to_the_cpu_byte_budget(world, tmp_path):
     assert svc.loader.loads == 3, svc.loader.loads  # keys[0], then the two the budget holds
     assert svc.cache.stats()["evictions"] <= 1  # only keys[0], which nobody waits for
     svc.close()
+
+
+def test_prefetch_keeps_few_slot_copies_in_flight(world, tmp_path):
+    """Prefetch queues at most max_prefetch_copies slot copies (simulated slow copies on CPU); the rest follow as
+    copies complete, in the waiting order."""
+    base, adapters, _, _ = world
+    names = [f"a{i}" for i in range(6)]
+    _, svc = _engine(base, tmp_path / "reg", {n: adapters["qv-r4"] for n in names}, 8, 8)
+    keys = [svc.resolve(n) for n in names]
+    for k in keys:
+        svc.loader.get_blocking(k, timeout=60)
+    done: set[int] = set()
+    svc.device_slots.ready = lambda slot: slot in done  # copies complete only when the test says so
+    svc.prefetch(keys)
+    first = list(svc._copying)
+    assert first == keys[:svc.max_prefetch_copies]
+    done.update(slot for slot, _ in svc._copying.values())
+    svc.prefetch(keys)  # the first copies complete; the remaining adapters' copies start
+    assert all(svc.table.is_loaded(k) for k in first) and list(svc._copying) == keys[svc.max_prefetch_copies:]
+    svc.close()
