@@ -17,10 +17,12 @@ _LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
 class _Copy:
-    """One slot's copy in flight: issued by the copy thread, done when its event has completed."""
+    """One slot's copy in flight: staged (pageable packed adapters, on the copy thread), issued, done when its
+    event has completed."""
 
     def __init__(self, adapter, after: torch.cuda.Event):
         self.adapter, self.after = adapter, after  # the adapter stays referenced until its copy has completed
+        self.staged: Future | None = None  # -> (pinned buffer, packed adapter over it) or (None, None)
         self.issued: Future | None = None
         self.done = torch.cuda.Event(enable_timing=True)
         self.start = torch.cuda.Event(enable_timing=True)
@@ -77,12 +79,8 @@ class LoRASlots:
     def load(self, slot: int, adapter) -> None:
         """Copy a LoadedAdapter into `slot` and wait until the copy has completed (blocking; see start_load)."""
         self.start_load(slot, adapter)
-        with self._lock:
-            copy = self._inflight.get(slot)
-        if copy is not None:
-            copy.issued.result()
-            copy.done.synchronize()
-            self.ready(slot)
+        while not self.ready(slot):
+            time.sleep(0.0002)
 
     def start_load(self, slot: int, adapter) -> None:
         """Begin copying a LoadedAdapter's (A [r, in], B [out, r], scale) into `slot`; the caller must not use the
@@ -96,37 +94,66 @@ class LoRASlots:
         after.record(torch.cuda.current_stream(self.device))  # steps already queued may still read the old slot
         copy = _Copy(adapter, after)
         packed = getattr(adapter, "packed", None)
-        if packed is not None and packed.is_pinned and self._fits(packed):
-            # ~22 non-blocking copies from page-locked memory: issuing them here takes well under a millisecond,
-            # while a worker thread would wait for the busy engine thread's GIL before each of them.
-            copy.issued = Future()
-            try:
-                self._issue(slot, copy)
-                copy.issued.set_result(None)
-            except Exception as exc:  # reported by ready(), like a failure on the worker thread
-                copy.issued.set_exception(exc)
-        else:  # pageable or tensor-by-tensor copies block the issuing thread: keep them off the engine thread
+        if packed is not None and self._fits(packed) and (packed.is_pinned or self._staging is not None):
+            # ~22 non-blocking copies from page-locked memory are issued on this (the engine) thread, in well under
+            # a millisecond: on a worker thread each of them waited for the busy engine thread's GIL (~77 ms per
+            # adapter on the H100). Only the memcpy of a pageable adapter into pinned memory runs on the copy
+            # thread (one call), and the next ready() poll issues the copies.
+            if packed.is_pinned:
+                copy.staged = Future()
+                copy.staged.set_result((None, packed))
+            else:
+                copy.staged = self._pool.submit(self._stage, packed)
+        else:  # tensor-by-tensor copies block the issuing thread: keep them off the engine thread
             copy.issued = self._pool.submit(self._issue, slot, copy)
         with self._lock:
             self._inflight[slot] = copy
+        self._issue_staged()
 
-    def _issue(self, slot: int, copy: _Copy) -> None:
-        staged = packed = getattr(copy.adapter, "packed", None)
-        buf = None
-        if packed is not None and not packed.is_pinned and self._fits(packed) and self._staging is not None:
-            t0 = time.perf_counter()
-            try:  # on the copy thread: one memcpy into a reused page-locked buffer, then async copies from it
-                buf = self._staging.acquire(packed.buffer.numel())
-                staged = packed.copied_to(buf.data)
-            except RuntimeError:  # page-locked memory exhausted: blocking copies from pageable memory still work
-                buf = None
+    def _stage(self, packed) -> tuple:
+        """On the copy thread: (reused pinned buffer, the adapter copied into it), or (None, None) when page-locked
+        memory is exhausted."""
+        t0 = time.perf_counter()
+        try:
+            buf = self._staging.acquire(packed.buffer.numel())  # waits for that buffer's previous copy
+        except RuntimeError:
+            return None, None
+        try:
+            return buf, packed.copied_to(buf.data)
+        except BaseException:
+            self._staging.release(buf, None)
+            raise
+        finally:
             self.copy_seconds["staging"] += time.perf_counter() - t0
+
+    def _issue_staged(self) -> None:
+        """Issue, on the calling (engine) thread, every copy whose adapter is now in page-locked memory."""
+        with self._lock:
+            todo = [(s, c) for s, c in self._inflight.items() if c.issued is None and c.staged.done()]
+        for slot, copy in todo:
+            if copy.staged.exception() is not None:
+                copy.issued = copy.staged
+                continue
+            buf, staged = copy.staged.result()
+            if staged is None:  # no page-locked memory: blocking copies from pageable memory, off this thread
+                copy.issued = self._pool.submit(self._issue, slot, copy)
+                continue
+            copy.issued = Future()
+            try:
+                self._issue(slot, copy, staged, buf)
+                copy.issued.set_result(None)
+            except Exception as exc:  # reported by ready(), like a failure on the copy thread
+                copy.issued.set_exception(exc)
+
+    def _issue(self, slot: int, copy: _Copy, staged=None, buf=None) -> None:
+        """Queue the copies on the copy stream after the steps queued when the load started; a staged (pinned)
+        packed adapter as ~22 strided copies, anything else tensor by tensor."""
         t0 = time.perf_counter()
         try:
             with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
                 self._stream.wait_event(copy.after)
                 copy.start.record(self._stream)
-                if buf is not None:
+                if staged is not None:
                     self._write_packed(slot, staged, True)
                 else:
                     self._write(slot, copy.adapter, copy.keep)
@@ -142,7 +169,8 @@ class LoRASlots:
             copy = self._inflight.get(slot)
         if copy is None:
             return True
-        if not copy.issued.done():
+        self._issue_staged()
+        if copy.issued is None or not copy.issued.done():
             return False
         if copy.issued.exception() is not None:  # issuing failed: the slot holds garbage; the caller drops it
             with self._lock:
@@ -239,4 +267,8 @@ class LoRASlots:
 
     def close(self) -> None:
         if self._pool is not None:
+            # staging waits for pinned buffers that only issuing (on this thread) gives back: issue until drained
+            while any(c.issued is None for c in list(self._inflight.values())):
+                self._issue_staged()
+                time.sleep(0.0005)
             self._pool.shutdown(wait=True)

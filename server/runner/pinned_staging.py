@@ -18,7 +18,8 @@ class _Buffer:
 
 
 class PinnedStaging:
-    def __init__(self, count: int = 2):
+    def __init__(self, count: int = 2, pin: bool = True):
+        self.pin = pin  # False only in CPU tests of the copy threads
         self._free: queue.Queue[_Buffer] = queue.Queue()
         for _ in range(count):
             self._free.put(_Buffer())
@@ -33,7 +34,7 @@ class PinnedStaging:
                 buf.free_after = None
             if buf.data is None or buf.data.numel() < nbytes:
                 buf.data = None  # free the old one first
-                buf.data = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+                buf.data = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
         except BaseException:
             self._free.put(buf)
             raise

@@ -1,0 +1,109 @@
+"""Asynchronous slot copies' thread protocol, on CPU with a stand-in for torch.cuda's streams and events: a
+pageable packed adapter is staged (memcpy into a pinned-buffer stand-in) on the copy thread, and its copies are
+issued on the thread that polls ready() (the engine thread), never on the copy thread, where each call would wait
+for the engine thread's GIL. More loads than staging buffers neither deadlock nor leak, close() drains, and the
+slots end up equal to blocking copies. The real CUDA path: tests/test_many_adapters_gpu.py."""
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+
+import pytest
+import torch
+
+from loramux.adapters.loader import load_adapter
+from loramux.adapters.spec import BaseModelSpec
+from loramux.server.models.llama import DecoderModel
+from loramux.server.models.model_config import ModelConfig
+from loramux.server.runner.lora_slots import LoRASlots
+from loramux.server.runner.pinned_staging import PinnedStaging
+from test_packed_adapters import _real_parts
+
+
+class _Event:
+    def __init__(self, enable_timing=False):
+        self.recorded = False
+
+    def record(self, stream=None):
+        self.recorded = True
+
+    def query(self):
+        return self.recorded
+
+    def synchronize(self):
+        pass
+
+    def elapsed_time(self, other):
+        return 1.0
+
+
+class _Stream:
+    def __init__(self, device=None):
+        pass
+
+    def wait_event(self, event):
+        assert event.recorded, "waits for an event that was never recorded"
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    for name, value in (("Event", _Event), ("Stream", _Stream), ("current_stream", lambda device=None: _Stream()),
+                        ("stream", lambda s: contextlib.nullcontext()),
+                        ("device", lambda d: contextlib.nullcontext())):
+        monkeypatch.setattr(torch.cuda, name, value)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from adapters_world import peft_world
+
+    base, adapters = peft_world(tmp_path_factory.mktemp("copy-threads"))
+    cfg = ModelConfig.from_dir(base)
+    spec = BaseModelSpec.from_hf_config(cfg.raw, 16)
+    return cfg, [load_adapter(path, spec, torch.float32) for path in adapters.values()]
+
+
+def _slots(cfg, num_slots: int, async_copies: bool) -> LoRASlots:
+    model = DecoderModel(cfg, 64, torch.float32, torch.device("cpu"))
+    return LoRASlots(model, num_slots, 16, torch.float32, torch.device("cpu"), table=None, async_copies=async_copies)
+
+
+def test_staged_on_the_copy_thread_issued_on_the_polling_thread(world, fake_cuda, monkeypatch):
+    cfg, loaded = world
+    ads = [ad for ad in loaded if ad.packed is not None][:5]
+    assert len(ads) == 5 and not any(ad.packed.is_pinned for ad in ads)
+    slots, want = _slots(cfg, 5, True), _slots(cfg, 5, False)
+    slots._staging = PinnedStaging(2, pin=False)  # fewer buffers than loads: staging must wait for issues
+    issued_on, real_write = [], slots._write_packed
+
+    def write_packed(slot, packed, nb):
+        issued_on.append(threading.get_ident())
+        assert nb, "staged copies are non-blocking"
+        real_write(slot, packed, nb)
+
+    monkeypatch.setattr(slots, "_write_packed", write_packed)
+    for slot, ad in enumerate(ads):
+        slots.start_load(slot, ad)
+        want.start_load(slot, ad)
+    deadline = time.monotonic() + 30
+    while not all([slots.ready(s) for s in range(5)]):
+        assert time.monotonic() < deadline, "copies never completed (staging waits for buffers nobody gives back?)"
+        time.sleep(0.001)
+    assert issued_on == [threading.get_ident()] * 5  # every copy issued here, none on the copy thread
+    assert not slots.in_flight() and slots.copy_seconds["staging"] > 0
+    for slot in range(5):
+        assert all(torch.equal(x, y) for x, y in zip(_real_parts(slots, slot), _real_parts(want, slot)))
+    slots.close()
+
+
+def test_close_drains_copies_nobody_polled(world, fake_cuda):
+    cfg, loaded = world
+    ads = [ad for ad in loaded if ad.packed is not None][:4]
+    slots = _slots(cfg, 4, True)
+    slots._staging = PinnedStaging(1, pin=False)
+    for slot, ad in enumerate(ads):
+        slots.start_load(slot, ad)
+    done = threading.Event()
+    threading.Thread(target=lambda: (slots.close(), done.set()), daemon=True).start()
+    assert done.wait(30), "close() hung on staged copies that were never issued"
