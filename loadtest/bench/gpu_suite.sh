@@ -3,7 +3,7 @@
 # records, each writing JSON under OUT. Four parts, each under the device tool's 10-minute limit per call:
 #   OUT=/some/dir bash loadtest/bench/gpu_suite.sh core      # GPU tests, decode, prefill (~6 min)
 #   OUT=/some/dir bash loadtest/bench/gpu_suite.sh many      # 1,000 adapters on 64 slots + baseline (~6 min)
-#   OUT=/some/dir bash loadtest/bench/gpu_suite.sh variants  # opt-in LoRA paths, rank-64 slots (~6 min)
+#   OUT=/some/dir bash loadtest/bench/gpu_suite.sh variants  # each LoRA path switched off, rank-64 slots (~6 min)
 #   OUT=/some/dir bash loadtest/bench/gpu_suite.sh kernels   # LoRA kernel grid, LoRA added to the GEMMs per path (~4 min)
 #   (no argument: all four; `first` = one call with the decisions first: opt-in paths' tests, decode, many;
 #   `quick` = `first` without many, ~6 min, for a call with little device time left; `refresh` = engine GPU tests,
@@ -15,15 +15,15 @@ OUT=${OUT:-out/gpu-suite}
 mkdir -p "$OUT"
 step() { local t=$1; shift; echo "== $*"; SECONDS=0; timeout "$t" "$@"; echo "== rc=$? in ${SECONDS}s"; }
 B=loramux.loadtest.bench
-ALL_PATHS="LORAMUX_LORA_OVERLAP=1 LORAMUX_FUSED_LORA_MLP=1 LORAMUX_FUSED_LORA_QKV=1"  # the opt-in LoRA paths
+PATHS_OFF="LORAMUX_LORA_OVERLAP=0 LORAMUX_FUSED_LORA_MLP=0 LORAMUX_FUSED_LORA_QKV=0"  # the session-6 LoRA paths off
 PART=${1:-all}
 if [ "$PART" = first ] || [ "$PART" = quick ]; then  # one call, the decisions first: the opt-in paths' GPU tests,
     # their decode beside the default paths, then (first only) 1,000 adapters with mixed-step graphs
 step 200 python -m pytest -q -m gpu tests/test_lora_paths_gpu.py tests/test_attention_kernels_gpu.py \
     tests/test_engine_gpu.py tests/test_lora_kernels_gpu.py tests/test_many_adapters_gpu.py \
     -k "overlap or fused_gate or fused_qkv or table or mixed_step or rank_range or async" -p no:cacheprovider
-step 90 env $ALL_PATHS python -m $B.bench_gpu_vs_peft --shape llama3-8b \
-    --batch 32 --adapters 0,1,32 --skip-hf --json "$OUT/decode_b32_all_paths.json"
+step 90 env $PATHS_OFF python -m $B.bench_gpu_vs_peft --shape llama3-8b \
+    --batch 32 --adapters 0,1,32 --skip-hf --json "$OUT/decode_b32_paths_off.json"
 step 60 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 1,32 --skip-hf \
     --json "$OUT/decode_b32.json"
 [ "$PART" = first ] && step 240 python -m $B.bench_many_adapters --shape llama3-8b --adapters 1000 \
@@ -54,20 +54,20 @@ step 70 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 64 --adapters 0
     --json "$OUT/decode_b64.json"
 step 70 python -m $B.bench_prefill --shape llama3-8b --prompt-len 2048 --json "$OUT/prefill.json"
 fi
-if [ "$PART" = variants ] || [ "$PART" = all ]; then  # opt-in LoRA paths, each beside its own base in the run
-    for v in LORAMUX_LORA_OVERLAP LORAMUX_FUSED_LORA_MLP LORAMUX_FUSED_LORA_QKV; do
-        step 70 env $v=1 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 0,1,32 --skip-hf \
+if [ "$PART" = variants ] || [ "$PART" = all ]; then  # LoRA paths switched off, each beside its own base in the run
+    for v in LORAMUX_LORA_OVERLAP LORAMUX_FUSED_LORA_MLP LORAMUX_FUSED_LORA_QKV; do  # each path off alone
+        step 70 env $v=0 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 0,1,32 --skip-hf \
             --json "$OUT/decode_b32_$v.json"
     done
-    step 70 env $ALL_PATHS python -m $B.bench_gpu_vs_peft --shape llama3-8b \
-        --batch 32 --adapters 0,1,32 --skip-hf --json "$OUT/decode_b32_all_paths.json"
+    step 70 env $PATHS_OFF python -m $B.bench_gpu_vs_peft --shape llama3-8b \
+        --batch 32 --adapters 0,1,32 --skip-hf --json "$OUT/decode_b32_paths_off.json"
     step 50 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 1 --adapters 0,1 --max-loras 1 --skip-hf \
         --json "$OUT/decode_b1.json"
     # r=16 adapters in rank-64 slots (the server default; compact B blocks should make it match rank-16 slots)
     step 70 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 1,32 --max-lora-rank 64 \
         --skip-hf --json "$OUT/decode_b32_slot_rank64.json"
-    step 70 env LORAMUX_FUSED_LORA_MLP=1 LORAMUX_FUSED_LORA_QKV=1 python -m $B.bench_prefill --shape llama3-8b \
-        --prompt-len 2048 --json "$OUT/prefill_fused_expands.json"
+    step 70 env LORAMUX_FUSED_LORA_MLP=0 LORAMUX_FUSED_LORA_QKV=0 python -m $B.bench_prefill --shape llama3-8b \
+        --prompt-len 2048 --json "$OUT/prefill_unfused_expands.json"
 fi
 if [ "$PART" = kernels ] || [ "$PART" = all ]; then
 step 120 python -m $B.bench_lora_kernels --grid --ranks 8,16,64 --json "$OUT/lora_grid.json"
