@@ -5,7 +5,7 @@
 #   OUT=/some/dir bash loadtest/bench/gpu_suite.sh many      # 1,000 adapters on 64 slots + baseline (~6 min)
 #   OUT=/some/dir bash loadtest/bench/gpu_suite.sh variants  # each LoRA path switched off, rank-64 slots (~6 min)
 #   OUT=/some/dir bash loadtest/bench/gpu_suite.sh kernels   # LoRA kernel grid, LoRA added to the GEMMs per path (~4 min)
-#   (no argument: all four; `first` = one call with the decisions first: opt-in paths' tests, decode, many;
+#   (no argument: all four; `first` = one call with the decisions first: LoRA paths' tests, decode, many;
 #   `quick` = `first` without many, ~6 min, for a call with little device time left; `refresh` = engine GPU tests,
 #   headline decode/prefill figures and the 1,000-adapter closed loop, ~5 min; `profile` = decode kernel profile
 #   with and without an adapter and the per-path layer cost, ~4 min)
@@ -17,7 +17,7 @@ step() { local t=$1; shift; echo "== $*"; SECONDS=0; timeout "$t" "$@"; echo "==
 B=loramux.loadtest.bench
 PATHS_OFF="LORAMUX_LORA_OVERLAP=0 LORAMUX_FUSED_LORA_MLP=0 LORAMUX_FUSED_LORA_QKV=0"  # the session-6 LoRA paths off
 PART=${1:-all}
-if [ "$PART" = first ] || [ "$PART" = quick ]; then  # one call, the decisions first: the opt-in paths' GPU tests,
+if [ "$PART" = first ] || [ "$PART" = quick ]; then  # one call, the decisions first: the LoRA paths' GPU tests,
     # their decode beside the default paths, then (first only) 1,000 adapters with mixed-step graphs
 step 200 python -m pytest -q -m gpu tests/test_lora_paths_gpu.py tests/test_attention_kernels_gpu.py \
     tests/test_engine_gpu.py tests/test_lora_kernels_gpu.py tests/test_many_adapters_gpu.py \
