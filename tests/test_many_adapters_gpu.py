@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import threading
 import time
 
 import pytest
@@ -47,12 +48,16 @@ def test_async_copy_equals_blocking_copy(world, tmp_path, pin):
     slots = svc.device_slots
     ad = svc.loader.get_blocking("all-r8", timeout=60)
     assert ad.packed is not None and ad.packed.is_pinned == pin
+    issued_on, write_packed = [], slots._write_packed
+    slots._write_packed = lambda *a: (issued_on.append(threading.get_ident()), write_packed(*a))
     slots.start_load(0, ad)
     deadline = time.monotonic() + 10
     while not slots.ready(0):
         assert time.monotonic() < deadline, "copy never completed"
         time.sleep(0.001)
     assert (slots._staging.nbytes > 0) == (not pin)  # pageable adapters go through the staging buffers
+    assert issued_on == [threading.get_ident()]  # issued on the polling (engine) thread, staged or not
+    slots._write_packed = write_packed
     slots._write(1, ad, None)  # blocking reference copy on this thread
     torch.cuda.synchronize()
     for layer in engine.runner.model.layers:
