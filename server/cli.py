@@ -25,8 +25,8 @@ def _flag(p: argparse.ArgumentParser, name: str, help: str, default=None, type=s
     p.add_argument("--" + name, default=env_default, type=type, help=help + f" [env LORAMUX_{name.upper().replace('-', '_')}]", **kw)
 
 
-def _bool_env(name: str) -> bool:
-    return _env(name, "").lower() in ("1", "true", "yes", "on")
+def _bool_env(name: str, default: bool = False) -> bool:
+    return _env(name, "1" if default else "").lower() in ("1", "true", "yes", "on")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--enforce-eager", action="store_true", default=_bool_env("enforce-eager"),
                    help="run every step eagerly instead of replaying CUDA graphs [env LORAMUX_ENFORCE_EAGER]")
     s.add_argument("--mixed-step-graphs", action=argparse.BooleanOptionalAction,
-                   default=_env("mixed-step-graphs", "1").lower() not in ("0", "false", "no", "off"),
+                   default=_bool_env("mixed-step-graphs", True),
                    help="also capture CUDA graphs for steps with prompt tokens, per token bucket up to "
                         "--max-num-batched-tokens (--no-mixed-step-graphs: such steps run eagerly) "
                         "[env LORAMUX_MIXED_STEP_GRAPHS]")

@@ -186,7 +186,8 @@ class Runtime:
         from loramux.kernels import lora as lora_ops
 
         log.info("LoRA kernels: %s; CUDA + Triton paths (env LORAMUX_LORA_OVERLAP / _FUSED_LORA_MLP / "
-                 "_FUSED_LORA_QKV=0 turns one off): shrink overlap %s, fused MLP expand %s, fused QKV expand %s", self.engine.runner.kernel_backend,
+                 "_FUSED_LORA_QKV=0 turns one off): shrink overlap %s, fused MLP expand %s, fused QKV expand %s",
+                 self.engine.runner.kernel_backend,
                  *("on" if f else "off" for f in (lora_ops.OVERLAP, lora_ops.FUSED_MLP, lora_ops.FUSED_QKV)))
         self._register_startup_adapters(config)
         if self.device.type == "cuda" and not config.enforce_eager and parallel is None:

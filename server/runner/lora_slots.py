@@ -94,7 +94,7 @@ class LoRASlots:
         after.record(torch.cuda.current_stream(self.device))  # steps already queued may still read the old slot
         copy = _Copy(adapter, after)
         packed = getattr(adapter, "packed", None)
-        if packed is not None and self._fits(packed) and (packed.is_pinned or self._staging is not None):
+        if packed is not None and self._fits(packed):
             # ~22 non-blocking copies from page-locked memory are issued on this (the engine) thread, in well under
             # a millisecond: on a worker thread each of them waited for the busy engine thread's GIL (~77 ms per
             # adapter on the H100). Only the memcpy of a pageable adapter into pinned memory runs on the copy
