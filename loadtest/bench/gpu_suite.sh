@@ -36,6 +36,7 @@ step 150 python -m $B.bench_many_adapters --shape llama3-8b --adapters 1000 --ra
 step 70 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 64 --adapters 0,64 --max-loras 64 --skip-hf \
     --json "$OUT/decode_b64.json"
 step 70 python -m $B.bench_prefill --shape llama3-8b --prompt-len 2048 --json "$OUT/prefill.json"
+step 70 python -m $B.bench_prefill --shape llama3-8b --prompt-len 2048 --graphs off --json "$OUT/prefill_eager.json"
 step 100 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 0,1,8,32 --skip-hf \
     --json "$OUT/decode_b32.json"
 step 150 python -m pytest -q -m gpu tests/test_engine_gpu.py tests/test_fused_ops_gpu.py -p no:cacheprovider
@@ -53,6 +54,7 @@ step 100 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 
 step 70 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 64 --adapters 0,64 --max-loras 64 --skip-hf \
     --json "$OUT/decode_b64.json"
 step 70 python -m $B.bench_prefill --shape llama3-8b --prompt-len 2048 --json "$OUT/prefill.json"
+step 70 python -m $B.bench_prefill --shape llama3-8b --prompt-len 2048 --graphs off --json "$OUT/prefill_eager.json"
 fi
 if [ "$PART" = variants ] || [ "$PART" = all ]; then  # LoRA paths switched off, each beside its own base in the run
     for v in LORAMUX_LORA_OVERLAP LORAMUX_FUSED_LORA_MLP LORAMUX_FUSED_LORA_QKV; do  # each path off alone
