@@ -132,7 +132,7 @@ def run(engine, svc, args, arrivals: list[float], adapters: list[str], vocab: in
     rng = random.Random(2)
     prompts = [[rng.randrange(1, vocab) for _ in range(args.prompt_len)] for _ in range(16)]
     reqs: dict[str, dict] = {}
-    loading_steps = 0
+    loading_steps, steps, batch = 0, 0, 0
     i, t0 = 0, time.perf_counter()
     while i < len(arrivals) or engine.has_work():
         now = time.perf_counter() - t0
@@ -149,6 +149,7 @@ def run(engine, svc, args, arrivals: list[float], adapters: list[str], vocab: in
         outs = engine.step()
         t = time.perf_counter() - t0
         loading_steps += loads
+        steps, batch = steps + 1, batch + engine.last_step.num_requests
         for o in outs:
             if o.new_token_ids:
                 reqs[o.request_id]["times"].append((t, loads))
@@ -174,7 +175,7 @@ def run(engine, svc, args, arrivals: list[float], adapters: list[str], vocab: in
             "ttft_warm_p90_ms": pct(ttft[False], 0.9) * 1e3, "ttft_cold_p90_ms": pct(ttft[True], 0.9) * 1e3,
             "itl_warm_p50_ms": pct(itl_all, 0.5) * 1e3, "itl_warm_p99_ms": pct(itl_all, 0.99) * 1e3,
             "itl_warm_loading_p99_ms": pct(itl_loading, 0.99) * 1e3, "itl_warm_quiet_p99_ms": pct(itl_quiet, 0.99) * 1e3,
-            "steps_with_loads": loading_steps,
+            "steps_with_loads": loading_steps, "requests_per_step": batch / max(steps, 1),
             "max_blocked_steps": engine.scheduler.max_blocked_steps}
 
 
