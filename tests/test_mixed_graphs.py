@@ -24,7 +24,9 @@ IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 
 def test_token_buckets():
     assert default_token_buckets(512, 16) == [64, 96, 128, 192, 256, 384, 512]
-    assert default_token_buckets(4096, 64) == [96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096]
+    assert default_token_buckets(1024, 16)[-5:] == [512, 640, 768, 896, 1024]
+    assert default_token_buckets(4096, 64) == [96, 128, 192, 256, 384, 512, 640, 768, 896, 1024, 1280, 1536,
+                                              1792, 2048, 2560, 3072, 3584, 4096]
     assert default_token_buckets(100, 200) == [100]
 
 
