@@ -46,6 +46,22 @@ def prefill_flops(cfg, weight_params: int, tokens: int) -> float:
     return 2 * (weight_params - embed) * tokens + 2 * cfg.vocab_size * cfg.hidden_size + attn  # + one logits row
 
 
+def profile_prefill(engine, adapter_ids: list, T: int, vocab: int, params) -> None:
+    """Device kernel time by category of one whole-prompt prefill step per adapter id (None = base)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from loramux.loadtest.bench.kernel_categories import by_category, format_categories, profiled_kernels
+
+    for aid in adapter_ids:
+        engine.add_request(f"prof-{aid}", [3] * T, params, aid)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            engine.step()
+            torch.cuda.synchronize()
+        print(format_categories(by_category(profiled_kernels(prof), 1), f"prefill {T} tokens, adapter {aid}"))
+        while engine.has_work():
+            engine.step()
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="llama3-8b", choices=list(SHAPES))
@@ -54,6 +70,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--graphs", choices=("on", "off"), default="on",
                     help="mixed-step CUDA graphs for the prefill step (the server's --mixed-step-graphs)")
+    ap.add_argument("--profile", action="store_true", help="kernel time by category of one prefill step each way")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     cfg = shape_config(args.shape)
@@ -87,6 +104,8 @@ def main(argv=None) -> dict:
                 engine.step()
             if i:
                 times[aid].append(dt)
+    if args.profile:
+        profile_prefill(engine, [None, ad.adapter_id], T, cfg.vocab_size, params)
     base, lora = statistics.median(times[None]), statistics.median(times[ad.adapter_id])
     flops = prefill_flops(cfg, engine.runner.weight_bytes // 2, T)
     rate = matmul_rate(T, cfg)

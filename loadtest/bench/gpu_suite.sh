@@ -7,7 +7,7 @@
 #   OUT=/some/dir bash loadtest/bench/gpu_suite.sh kernels   # LoRA kernel grid, LoRA added to the GEMMs per path (~4 min)
 #   (no argument: all four; `first` = one call with the decisions first: LoRA paths' tests, decode, many;
 #   `quick` = `first` without many, ~6 min, for a call with little device time left; `refresh` = engine GPU tests,
-#   headline decode/prefill figures and the 1,000-adapter closed loop, ~5 min; `profile` = decode kernel profile
+#   headline decode/prefill figures and the 1,000-adapter closed loop, ~5 min; `profile` = decode and prefill kernel profiles
 #   with and without an adapter and the per-path layer cost, ~4 min)
 # Run from the repository root with the package importable (pip install -e . or PYTHONPATH, see DESIGN.md §9).
 set -u
@@ -43,6 +43,7 @@ step 150 python -m pytest -q -m gpu tests/test_engine_gpu.py tests/test_fused_op
 fi
 if [ "$PART" = profile ]; then  # where a decode step's LoRA time goes (D = 0 vs 1, kernel table), per-path layer cost
 step 120 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 0,1 --skip-hf --profile
+step 90 python -m $B.bench_prefill --shape llama3-8b --prompt-len 2048 --repeats 2 --profile
 step 150 python -m $B.bench_lora_linear --rank 16 --json "$OUT/lora_linear.json"
 fi
 if [ "$PART" = core ] || [ "$PART" = all ]; then
