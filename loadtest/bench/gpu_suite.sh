@@ -7,8 +7,8 @@
 #   OUT=/some/dir bash loadtest/bench/gpu_suite.sh kernels   # LoRA kernel grid, LoRA added to the GEMMs per path (~4 min)
 #   (no argument: all four; `first` = one call with the decisions first: LoRA paths' tests, decode, many;
 #   `quick` = `first` without many, ~6 min, for a call with little device time left; `refresh` = engine GPU tests,
-#   headline decode/prefill figures and the 1,000-adapter closed loop, ~5 min; `profile` = decode and prefill kernel profiles
-#   with and without an adapter and the per-path layer cost, ~4 min)
+#   headline decode/prefill figures and the 1,000-adapter closed loop, ~5 min; `profile` = decode and prefill
+#   kernel profiles with and without an adapter and the per-path layer cost, ~6 min)
 # Run from the repository root with the package importable (pip install -e . or PYTHONPATH, see DESIGN.md §9).
 set -u
 OUT=${OUT:-out/gpu-suite}
