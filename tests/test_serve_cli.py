@@ -1,6 +1,8 @@
-"""`loramux serve` as a real process on the embedded default answers a completion and a streamed completion."""
+"""`loramux serve` as a real process on the embedded default answers a completion and a streamed completion; the
+mixed-step graph flag and the LoRA path switches default on."""
 from __future__ import annotations
 
+import pytest
 import json
 import os
 import signal
@@ -55,3 +57,28 @@ def test_loramux_serve_process(tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             raise AssertionError("server did not exit on SIGTERM")
+
+
+@pytest.mark.parametrize("env, argv, want", [(None, [], True), ("0", [], False), ("off", [], False), ("1", [], True),
+                                             ("0", ["--mixed-step-graphs"], True),
+                                             (None, ["--no-mixed-step-graphs"], False)])
+def test_mixed_step_graphs_default_flag_and_env(monkeypatch, env, argv, want):
+    """On by default; LORAMUX_MIXED_STEP_GRAPHS=0 or --no-mixed-step-graphs turns it off, the flag wins."""
+    from loramux.server.cli import build_parser
+
+    if env is None:
+        monkeypatch.delenv("LORAMUX_MIXED_STEP_GRAPHS", raising=False)
+    else:
+        monkeypatch.setenv("LORAMUX_MIXED_STEP_GRAPHS", env)
+    assert build_parser().parse_args(["serve", *argv]).mixed_step_graphs is want
+
+
+@pytest.mark.parametrize("env, want", [(None, True), ("1", True), ("0", False)])
+def test_lora_path_switches_default_on(monkeypatch, env, want):
+    from loramux.kernels.lora import _switch
+
+    if env is None:
+        monkeypatch.delenv("LORAMUX_TEST_SWITCH", raising=False)
+    else:
+        monkeypatch.setenv("LORAMUX_TEST_SWITCH", env)
+    assert _switch("LORAMUX_TEST_SWITCH") is want
