@@ -2,7 +2,6 @@
 mixed-step graph flag and the LoRA path switches default on."""
 from __future__ import annotations
 
-import pytest
 import json
 import os
 import signal
@@ -11,6 +10,7 @@ import sys
 import time
 
 import httpx
+import pytest
 
 from live_server import free_port
 
