@@ -107,9 +107,9 @@ def profile_decode(engine, args, adapters, n_adapters: int) -> None:
         for _ in range(5):
             engine.step()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
-    from loramux.loadtest.bench.kernel_categories import by_category, format_categories, profiled_kernels
+    from loramux.loadtest.bench.kernel_categories import summarize
 
-    print(format_categories(by_category(profiled_kernels(prof), 5), f"decode, batch {args.batch}, D={n_adapters}"))
+    print(summarize(prof, 5, f"decode, batch {args.batch}, D={n_adapters}"))
     while engine.has_work():
         engine.step()
 

@@ -3,16 +3,17 @@
 python -m loramux.loadtest.bench.bench_many_adapters --shape llama3-8b --adapters 1000 --ranks 8,16,32,64 \
     --zipf 1.0 --max-loras 64 --max-cpu-loras 128 --load 0.9 --duration 60 [--json out.json]
 Both runs replay the same Poisson arrival times (rate = --load x the slower of the two saturation rates, measured
-first in closed loops; --rate-basis single: x the single-adapter one) through the offline engine: run "single" sends every request to one adapter, run "many"
-draws each request's adapter from a Zipf(--zipf) law over --adapters ids whose ranks cycle through --ranks (all 7
-projections). One random PEFT folder per rank is written once; every id maps onto the folder of its rank, so
-each load is a real load of that size (page-cached) without 1,000 folders on disk: with --packed-cache off a read +
-validate + cast + pack of the folder, with it on (the server's default) the first load of each rank does that and
-writes the packed file, later ones map it. Caveat: 4 packed files stay in the page cache; 1,000 distinct ones
-(~157 GB at these ranks) would not, and a real host would read part of them from its disk.
-Reports: throughput ratio many / single of the closed loops (target >= 0.85), TTFT of requests whose adapter was not in a GPU slot
-at arrival minus TTFT of the others (target <= 30 ms for an 84 MB adapter), ITL p99 of warm requests during
-steps with a load in flight vs the single run's ITL p99 (target <= +10%), and the adapter service's counters.
+first in closed loops; --rate-basis single: x the single-adapter one) through the offline engine: run "single" sends
+every request to one adapter, run "many" draws each request's adapter from a Zipf(--zipf) law over --adapters ids
+whose ranks cycle through --ranks (all 7 projections). One random PEFT folder per rank is written once; every id
+maps onto the folder of its rank, so each load is a real load of that size (page-cached) without 1,000 folders on
+disk: with --packed-cache off a read + validate + cast + pack of the folder, with it on (the server's default) the
+first load of each rank does that and writes the packed file, later ones map it. Caveat: 4 packed files stay in the
+page cache; 1,000 distinct ones (~157 GB at these ranks) would not, and a real host would read part of them from its
+disk.
+Reports: throughput ratio many / single of the closed loops (target >= 0.85), TTFT of requests whose adapter was not
+in a GPU slot at arrival minus TTFT of the others (target <= 30 ms for an 84 MB adapter), ITL p99 of warm requests
+during steps with a load in flight vs the single run's ITL p99 (target <= +10%), and the adapter service's counters.
 """
 from __future__ import annotations
 
@@ -174,7 +175,8 @@ def run(engine, svc, args, arrivals: list[float], adapters: list[str], vocab: in
             "ttft_warm_p50_ms": pct(ttft[False], 0.5) * 1e3, "ttft_cold_p50_ms": pct(ttft[True], 0.5) * 1e3,
             "ttft_warm_p90_ms": pct(ttft[False], 0.9) * 1e3, "ttft_cold_p90_ms": pct(ttft[True], 0.9) * 1e3,
             "itl_warm_p50_ms": pct(itl_all, 0.5) * 1e3, "itl_warm_p99_ms": pct(itl_all, 0.99) * 1e3,
-            "itl_warm_loading_p99_ms": pct(itl_loading, 0.99) * 1e3, "itl_warm_quiet_p99_ms": pct(itl_quiet, 0.99) * 1e3,
+            "itl_warm_loading_p99_ms": pct(itl_loading, 0.99) * 1e3,
+            "itl_warm_quiet_p99_ms": pct(itl_quiet, 0.99) * 1e3,
             "steps_with_loads": loading_steps, "requests_per_step": batch / max(steps, 1),
             "max_blocked_steps": engine.scheduler.max_blocked_steps}
 
@@ -260,7 +262,8 @@ def main(argv=None) -> dict:
     counters = counter_deltas(before, after)
     adapter_mb = {r: svc.cache.peek(a).nbytes / 1e6 for a, r in rank_of.items() if svc.cache.peek(a) is not None}
     out = {"shape": args.shape, "adapters": args.adapters, "ranks": ranks, "zipf": args.zipf,
-           "max_loras": args.max_loras, "rate_req_s": rate, "rate_basis": args.rate_basis, "single": single, "many": result,
+           "max_loras": args.max_loras, "rate_req_s": rate, "rate_basis": args.rate_basis,
+           "single": single, "many": result,
            "throughput_ratio": result["tok_s"] / single["tok_s"],
            "closed_loop_tok_s": {"single": sat_single[1], "many": sat_many[1]},
            "closed_loop_ratio": sat_many[1] / sat_single[1],
@@ -279,7 +282,8 @@ def main(argv=None) -> dict:
           f"({result['cold_from_cpu']} requests), on disk "
           f"{result['ttft_cold_disk_p50_ms'] - result['ttft_warm_p50_ms']:.1f} ms ({result['cold_from_disk']})")
     print(f"closed-loop throughput many/single {out['closed_loop_ratio']:.3f} (target >= 0.85); open loop at "
-          f"{rate:.1f} req/s ({args.load} x the {args.rate_basis} saturation rate) {out['throughput_ratio']:.3f}; TTFT cold - warm p50 "
+          f"{rate:.1f} req/s ({args.load} x the {args.rate_basis} saturation rate) {out['throughput_ratio']:.3f}; "
+          f"TTFT cold - warm p50 "
           f"{out['ttft_cold_minus_warm_p50_ms']:.1f} ms (target <= 30); ITL p99 warm during loads "
           f"{out['itl_p99_increase'] * 100:+.1f}% vs single (target <= +10%), "
           f"{out['itl_p99_increase_vs_quiet'] * 100:+.1f}% vs its own steps without loads")

@@ -4,7 +4,8 @@ rate of the prefill against the bf16 matmul rate measured in the same run.
 python -m loramux.loadtest.bench.bench_prefill --shape llama3-8b --prompt-len 2048 --rank 16 [--json out.json]
 TTFT = wall time of the engine step that prefills the whole prompt and samples its first token, replayed from a
 mixed-step CUDA graph as the server does by default (--graphs off: eager, as measured up to session 6, where the
-Python launch path of ~200 extra LoRA kernels per step is part of the adapter's cost). Prefill rate = (2 x non-embedding weights x tokens + causal attention FLOPs) / TTFT.
+Python launch path of ~200 extra LoRA kernels per step is part of the adapter's cost).
+Prefill rate = (2 x non-embedding weights x tokens + causal attention FLOPs) / TTFT.
 Matmul rate = the best of a few large bf16 GEMMs (the prompt's own token count x the model's MLP shapes included).
 """
 from __future__ import annotations
@@ -46,18 +47,18 @@ def prefill_flops(cfg, weight_params: int, tokens: int) -> float:
     return 2 * (weight_params - embed) * tokens + 2 * cfg.vocab_size * cfg.hidden_size + attn  # + one logits row
 
 
-def profile_prefill(engine, adapter_ids: list, T: int, vocab: int, params) -> None:
+def profile_prefill(engine, adapter_ids: list, T: int, params) -> None:
     """Device kernel time by category of one whole-prompt prefill step per adapter id (None = base)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from loramux.loadtest.bench.kernel_categories import by_category, format_categories, profiled_kernels
+    from loramux.loadtest.bench.kernel_categories import summarize
 
     for aid in adapter_ids:
         engine.add_request(f"prof-{aid}", [3] * T, params, aid)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             engine.step()
             torch.cuda.synchronize()
-        print(format_categories(by_category(profiled_kernels(prof), 1), f"prefill {T} tokens, adapter {aid}"))
+        print(summarize(prof, 1, f"prefill {T} tokens, adapter {aid}"))
         while engine.has_work():
             engine.step()
 
@@ -105,18 +106,20 @@ def main(argv=None) -> dict:
             if i:
                 times[aid].append(dt)
     if args.profile:
-        profile_prefill(engine, [None, ad.adapter_id], T, cfg.vocab_size, params)
+        profile_prefill(engine, [None, ad.adapter_id], T, params)
     base, lora = statistics.median(times[None]), statistics.median(times[ad.adapter_id])
     flops = prefill_flops(cfg, engine.runner.weight_bytes // 2, T)
     rate = matmul_rate(T, cfg)
-    out = {"shape": args.shape, "prompt_len": T, "rank": args.rank, "graphs": args.graphs, "ttft_base_ms": base * 1e3,
-           "ttft_adapter_ms": lora * 1e3, "adapter_over_base": lora / base, "matmul_tflops": rate / 1e12,
+    out = {"shape": args.shape, "prompt_len": T, "rank": args.rank, "graphs": args.graphs,
+           "ttft_base_ms": base * 1e3, "ttft_adapter_ms": lora * 1e3, "adapter_over_base": lora / base,
+           "matmul_tflops": rate / 1e12,
            "prefill_tflops_base": flops / base / 1e12, "prefill_tflops_adapter": flops / lora / 1e12,
            "base_over_matmul": flops / base / rate}
     print(json.dumps(out, indent=1))
-    print(f"TTFT {T} tokens ({'mixed-step graphs' if args.graphs == 'on' else 'eager'}): base {base * 1e3:.1f} ms, adapter {lora * 1e3:.1f} ms = x{lora / base:.3f} (target <= "
-          f"1.10); prefill {flops / base / 1e12:.0f} TFLOP/s = {flops / base / rate:.2f} of the measured bf16 matmul "
-          f"rate {rate / 1e12:.0f} TFLOP/s (target >= 0.60)")
+    mode = "mixed-step graphs" if args.graphs == "on" else "eager"
+    print(f"TTFT {T} tokens ({mode}): base {base * 1e3:.1f} ms, adapter {lora * 1e3:.1f} ms = x{lora / base:.3f} "
+          f"(target <= 1.10); prefill {flops / base / 1e12:.0f} TFLOP/s = {flops / base / rate:.2f} of the measured "
+          f"bf16 matmul rate {rate / 1e12:.0f} TFLOP/s (target >= 0.60)")
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
     svc.close()

@@ -41,3 +41,8 @@ def format_categories(cats: dict[str, tuple[float, float]], title: str) -> str:
              "|---|---|---|---|"]
     lines += [f"| {k} | {us:.1f} | {us / total:.0%} | {n:.0f} |" for k, (us, n) in cats.items()] if total else []
     return "\n".join(lines)
+
+
+def summarize(prof, steps: int, title: str) -> str:
+    """The category table of a torch.profiler run over `steps` steps."""
+    return format_categories(by_category(profiled_kernels(prof), steps), title)
