@@ -5,7 +5,7 @@ before a norm that reads the same rows anyway. linear_deferred runs the GEMM and
 expand's inputs as a PendingExpand; add_norm (the next norm) applies it in the norm's own launch
 (lora_norm_triton). Only on the Triton two-launch path and for T <= MAX_TOKENS (each row re-reads its slot's B,
 which pays off only for decode-sized batches); otherwise linear_deferred returns the finished output and None.
-Switch: LORAMUX_FUSED_LORA_NORM ("0" = off).
+Switch: LORAMUX_FUSED_LORA_NORM=1 turns it on (off by default until measured on a GPU).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from . import fused_ops
 from . import lora_reference as _ref
 from .lora import LoRAMeta, _two_launch, _up_to_expand, lora_linear
 
-ENABLED = os.environ.get("LORAMUX_FUSED_LORA_NORM", "1") != "0"
+ENABLED = os.environ.get("LORAMUX_FUSED_LORA_NORM", "0") == "1"
 MAX_TOKENS = 64
 
 

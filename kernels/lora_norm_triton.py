@@ -107,5 +107,5 @@ def expand_add_norm(y, buf, b_stack, ranks, scales, token_slots, weight, eps: fl
         y, r, weight.contiguous(), out, new_res, buf, b_stack, token_slots, ranks, scales, y.stride(0), r.stride(0),
         out.stride(0), new_res.stride(0), T, H, R, float(eps), NUM_PARTS=buf.shape[0], HAS_RES=residual is not None,
         BLOCK_N=bn, N_CHUNKS=cdiv(H, bn), BLOCK_R=br, R_TILES=cdiv(R, br), RA=row_align(R),
-        RNE_BF16=_rne_bf16(y, out), num_warps=4)
+        RNE_BF16=_rne_bf16(y, out), num_warps=8)  # one row per SM at decode sizes: more loads in flight
     return out, new_res

@@ -18,8 +18,7 @@ from sm90_compile import SM90_MAX_SHARED
 
 HERE = pathlib.Path(__file__).parent
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
-KERNEL_MODULES = ["attention_triton", "attention_prefill_triton", "fused_ops_triton", "lora_triton",
-                  "lora_fused_triton", "lora_mlp_triton", "lora_qkv_triton", "rope_kv_triton"]
+KERNEL_MODULES = sorted(p.stem for p in (HERE.parent / "kernels").glob("*_triton.py"))  # every kernel module
 
 
 def all_kernel_names() -> set[str]:
