@@ -42,14 +42,15 @@ step 100 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 
     --json "$OUT/decode_b32.json"
 step 150 python -m pytest -q -m gpu tests/test_engine_gpu.py tests/test_fused_ops_gpu.py -p no:cacheprovider
 fi
-if [ "$PART" = norm ]; then  # session 7: o/down expands folded into the next norm (LORAMUX_FUSED_LORA_NORM), then
-    # the 1,000-adapter closed loop with the engine-thread copy issue
-step 180 env LORAMUX_FUSED_LORA_NORM=1 python -m pytest -q -m gpu tests/test_lora_paths_gpu.py tests/test_engine_gpu.py \
+if [ "$PART" = norm ]; then  # session 7: o/down expands folded into the next norm (LORAMUX_FUSED_LORA_NORM): its GPU
+    # tests, decode with it off and on (with the kernel table), the 1,000-adapter closed loop (engine-thread copy
+    # issue), prefill with graphs
+step 150 env LORAMUX_FUSED_LORA_NORM=1 python -m pytest -q -m gpu tests/test_lora_paths_gpu.py tests/test_engine_gpu.py \
     -p no:cacheprovider -k "deferred or overlap_in_cuda_graph or test_engine_gpu"
 step 70 env LORAMUX_FUSED_LORA_NORM=0 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 0,1,32 \
     --skip-hf --json "$OUT/decode_b32_norm_off.json"
-step 90 env LORAMUX_FUSED_LORA_NORM=1 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 \
-    --adapters 0,1,8,32 --skip-hf --json "$OUT/decode_b32_norm_on.json"
+step 120 env LORAMUX_FUSED_LORA_NORM=1 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 \
+    --adapters 0,1,32 --skip-hf --profile --json "$OUT/decode_b32_norm_on.json"
 step 150 python -m $B.bench_many_adapters --shape llama3-8b --adapters 1000 --ranks 8,16,32,64 --zipf 1.0 \
     --max-loras 64 --max-cpu-loras 256 --max-cpu-lora-bytes 24000000000 --saturation-seconds 10 --closed-loop-only
 step 70 python -m $B.bench_prefill --shape llama3-8b --prompt-len 2048 --json "$OUT/prefill.json"
