@@ -9,7 +9,7 @@
 #   `quick` = `first` without many, ~6 min, for a call with little device time left; `refresh` = engine GPU tests,
 #   headline decode/prefill figures and the 1,000-adapter closed loop, ~5 min; `profile` = decode and prefill
 #   kernel profiles with and without an adapter and the per-path layer cost, ~6 min; `norm` = the session-7 check:
-#   expand-into-norm GPU tests, decode with it off and on, the 1,000-adapter closed loop, prefill, ~9 min)
+#   expand-into-norm GPU tests, decode with it off and on, the 1,000-adapter closed loop, ~7 min)
 # Run from the repository root with the package importable (pip install -e . or PYTHONPATH, see DESIGN.md §9).
 set -u
 OUT=${OUT:-out/gpu-suite}
@@ -44,8 +44,8 @@ step 150 python -m pytest -q -m gpu tests/test_engine_gpu.py tests/test_fused_op
 fi
 if [ "$PART" = norm ]; then  # session 7: o/down expands folded into the next norm (LORAMUX_FUSED_LORA_NORM): its GPU
     # tests, decode with it off and on (with the kernel table), the 1,000-adapter closed loop (engine-thread copy
-    # issue), prefill with graphs
-step 150 env LORAMUX_FUSED_LORA_NORM=1 python -m pytest -q -m gpu tests/test_lora_paths_gpu.py tests/test_engine_gpu.py \
+    # issue); ~7 min
+step 120 env LORAMUX_FUSED_LORA_NORM=1 python -m pytest -q -m gpu tests/test_lora_paths_gpu.py tests/test_engine_gpu.py \
     -p no:cacheprovider -k "deferred or overlap_in_cuda_graph or test_engine_gpu"
 step 70 env LORAMUX_FUSED_LORA_NORM=0 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 0,1,32 \
     --skip-hf --json "$OUT/decode_b32_norm_off.json"
@@ -53,7 +53,6 @@ step 120 env LORAMUX_FUSED_LORA_NORM=1 python -m $B.bench_gpu_vs_peft --shape ll
     --adapters 0,1,32 --skip-hf --profile --json "$OUT/decode_b32_norm_on.json"
 step 150 python -m $B.bench_many_adapters --shape llama3-8b --adapters 1000 --ranks 8,16,32,64 --zipf 1.0 \
     --max-loras 64 --max-cpu-loras 256 --max-cpu-lora-bytes 24000000000 --saturation-seconds 10 --closed-loop-only
-step 70 python -m $B.bench_prefill --shape llama3-8b --prompt-len 2048 --json "$OUT/prefill.json"
 fi
 if [ "$PART" = profile ]; then  # where a decode step's LoRA time goes (D = 0 vs 1, kernel table), per-path layer cost
 step 120 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 0,1 --skip-hf --profile
