@@ -45,13 +45,13 @@ fi
 if [ "$PART" = norm ]; then  # session 7: o/down expands folded into the next norm (LORAMUX_FUSED_LORA_NORM): its GPU
     # tests, decode with it off and on (with the kernel table), the 1,000-adapter closed loop (engine-thread copy
     # issue); ~7 min
-step 120 env LORAMUX_FUSED_LORA_NORM=1 python -m pytest -q -m gpu tests/test_lora_paths_gpu.py tests/test_engine_gpu.py \
+step 100 env LORAMUX_FUSED_LORA_NORM=1 python -m pytest -q -m gpu tests/test_lora_paths_gpu.py tests/test_engine_gpu.py \
     -p no:cacheprovider -k "deferred or overlap_in_cuda_graph or test_engine_gpu"
-step 70 env LORAMUX_FUSED_LORA_NORM=0 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 0,1,32 \
+step 60 env LORAMUX_FUSED_LORA_NORM=0 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 0,1,32 \
     --skip-hf --json "$OUT/decode_b32_norm_off.json"
-step 120 env LORAMUX_FUSED_LORA_NORM=1 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 \
+step 110 env LORAMUX_FUSED_LORA_NORM=1 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 \
     --adapters 0,1,32 --skip-hf --profile --json "$OUT/decode_b32_norm_on.json"
-step 150 python -m $B.bench_many_adapters --shape llama3-8b --adapters 1000 --ranks 8,16,32,64 --zipf 1.0 \
+step 140 python -m $B.bench_many_adapters --shape llama3-8b --adapters 1000 --ranks 8,16,32,64 --zipf 1.0 \
     --max-loras 64 --max-cpu-loras 256 --max-cpu-lora-bytes 24000000000 --saturation-seconds 10 --closed-loop-only
 fi
 if [ "$PART" = profile ]; then  # where a decode step's LoRA time goes (D = 0 vs 1, kernel table), per-path layer cost
