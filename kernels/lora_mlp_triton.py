@@ -20,7 +20,7 @@ from .backend import cdiv
 from .fused_ops_triton import _cast, _rne_bf16
 from .lora_layout import row_align
 from .lora_tiles_triton import _first_h, _lora_delta, _pick_tile
-from .lora_triton import _block_m, _pow2
+from .lora_triton import DECODE_N_ITERS, _block_m, _pow2
 
 
 @triton.jit
@@ -97,7 +97,7 @@ def expand_silu(y, buf, b_stack, ranks, scales, meta, n_iters: int | None = None
     if T == 0:
         return act
     bm, bn, br = _block_m(T), 128, min(64, _pow2(R))
-    n_iters = n_iters or (2 if T <= 256 else 4)  # as the expand kernel (H100 sweep)
+    n_iters = n_iters or (DECODE_N_ITERS if T <= 256 else 4)  # as the expand kernel
     grid = (cdiv(T, bm) + min(S + 1, T), cdiv(I, bn * n_iters))
     _expand_silu_kernel[grid](
         buf, b_stack, y, act, ranks, scales, meta.sorted_tokens, meta.seg_start, T, I, R, S, y.stride(0),

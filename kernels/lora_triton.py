@@ -2,6 +2,7 @@
 add_lora can dispatch decode-sized T to the single-launch kernel of lora_fused_triton.py (off by default: slower)."""
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 
 import torch
@@ -89,6 +90,15 @@ def _expand_kernel(buf_ptr, b_ptr, y_ptr, ranks_ptr, scales_ptr, sorted_ptr, seg
         tl.store(yp, (yv + acc * scale).to(y_ptr.dtype.element_ty), mask=m)
 
 
+# Decode launch shape (T <= 256). The session-7 H100 profile showed decode shrinks at ~8-10 us and expands at
+# ~10-12 us each, far above launch latency: each program walks K_ITERS (shrink) or N_ITERS (expand) dependent
+# memory round trips. These knobs trade fewer round trips per program for more split-K partials / programs;
+# the defaults are the session-3 kernel-sweep choices until the engine-level A/B is measured.
+DECODE_K_PER_SPLIT = int(os.environ.get("LORAMUX_LORA_DECODE_K_PER_SPLIT", "512"))  # K columns per shrink split
+MAX_SPLITS = int(os.environ.get("LORAMUX_LORA_MAX_SPLITS", "16"))
+DECODE_N_ITERS = int(os.environ.get("LORAMUX_LORA_DECODE_N_ITERS", "2"))  # column tiles per expand program
+
+
 def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, next_pow2(max(int(n), 1)))
 
@@ -118,8 +128,8 @@ def shrink_plan(T: int, K: int, L: int, R: int, device: torch.device, split_k: i
     bk = 128 if T <= 256 else 64
     if split_k is None:  # decode: few output tiles, so split K; prefill: split only to fill the SMs
         tiles = cdiv(T, bm) * L * cdiv(R, br)
-        split_k = K // 512 if T <= 256 else cdiv(2 * _num_sms(device), tiles)
-        split_k = max(1, min(16, split_k, K // 256))
+        split_k = K // DECODE_K_PER_SPLIT if T <= 256 else cdiv(2 * _num_sms(device), tiles)
+        split_k = max(1, min(MAX_SPLITS, split_k, K // (128 if T <= 256 else 256)))
         if T > 256:  # a power of two: K_ITERS / NUM_PARTS are constexprs, so every distinct value is a compile
             split_k = 1 << (split_k.bit_length() - 1)  # (each ~1 s, stalling the server the first time it is seen)
     bk = max(16, min(bk, _pow2(cdiv(K, split_k))))
@@ -160,7 +170,7 @@ def expand(y, buf, b_stack, ranks, scales, slice_offsets, meta, n_iters: int | N
     if T == 0 or R == 0:
         return
     bm, bn, br = _block_m(T), 128, min(64, _pow2(R))
-    n_iters = n_iters or (2 if T <= 256 else 4)  # column tiles per program (H100 sweep: 2 decode, 4 prefill)
+    n_iters = n_iters or (DECODE_N_ITERS if T <= 256 else 4)  # column tiles per program (H100 sweep: 2 decode)
     offs, chunks = slice_chunks(slice_offsets, bn * n_iters)  # OFF1..OFF3 (unused slices empty), chunk count
     grid = (cdiv(T, bm) + min(S, T), chunks)
     _expand_kernel[grid](

@@ -54,6 +54,13 @@ step 110 env LORAMUX_FUSED_LORA_NORM=1 python -m $B.bench_gpu_vs_peft --shape ll
 step 140 python -m $B.bench_many_adapters --shape llama3-8b --adapters 1000 --ranks 8,16,32,64 --zipf 1.0 \
     --max-loras 64 --max-cpu-loras 256 --max-cpu-lora-bytes 24000000000 --saturation-seconds 10 --closed-loop-only
 fi
+if [ "$PART" = splits ]; then  # decode launch-shape knobs (kernels/lora_triton.py), baseline in the same call
+step 50 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 1,32 --skip-hf --json "$OUT/d_base.json"
+step 50 env LORAMUX_LORA_DECODE_K_PER_SPLIT=128 LORAMUX_LORA_MAX_SPLITS=32 python -m $B.bench_gpu_vs_peft \
+    --shape llama3-8b --batch 32 --adapters 1,32 --skip-hf --json "$OUT/d_split.json"
+step 50 env LORAMUX_LORA_DECODE_K_PER_SPLIT=128 LORAMUX_LORA_MAX_SPLITS=32 LORAMUX_LORA_DECODE_N_ITERS=1 python -m \
+    $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 1,32 --skip-hf --json "$OUT/d_split_n1.json"
+fi
 if [ "$PART" = profile ]; then  # where a decode step's LoRA time goes (D = 0 vs 1, kernel table), per-path layer cost
 step 120 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 0,1 --skip-hf --profile
 step 90 python -m $B.bench_prefill --shape llama3-8b --prompt-len 2048 --repeats 2 --profile
