@@ -77,7 +77,7 @@ def install_fake_driver() -> list:
 
 
 def lora_calls(quick: bool):
-    from loramux.kernels import lora, lora_fused_triton, lora_mlp_triton, lora_norm_triton, lora_qkv_triton, lora_triton
+    from loramux.kernels import lora, lora_fused_triton, lora_mlp_triton, lora_qkv_triton, lora_triton
 
     S = 64
     for name, (h, nh, nkv, d, inter) in SHAPES.items():
@@ -106,10 +106,6 @@ def lora_calls(quick: bool):
                 yield tag + " expand+rope", lambda: lora_qkv_triton.expand_rope_kv(
                     y, lora_triton.new_partials(x, a, ranks), b, ranks, scales, meta, pos, cos, cos, kc, kc, pos, nh,
                     nkv, d)
-            if L == 1 and T <= 64:
-                res, nw = torch.empty(T, N, dtype=dtype), torch.empty(N, dtype=dtype)
-                yield tag + " expand+norm", lambda: lora_norm_triton.expand_add_norm(
-                    y, lora_triton.new_partials(x, a, ranks), b, ranks, scales, meta.token_slots, nw, 1e-5, res)
             if widths == (inter, inter):
                 yield tag + " expand+silu", lambda: lora_mlp_triton.expand_silu(
                     y, lora_triton.new_partials(x, a, ranks), b, ranks, scales, meta)

@@ -34,7 +34,7 @@ def test_token_buckets():
 # inside padded buckets: padding tokens carry no adapter and write K/V into the scratch block)
 LORA_PATHS = {"torch-lora": {"LORAMUX_TEST_LORA_BACKEND": "torch"},
               "triton-lora-fused": {"LORAMUX_TEST_LORA_BACKEND": "triton", "LORAMUX_FUSED_LORA_MLP": "1",
-                                    "LORAMUX_FUSED_LORA_QKV": "1", "LORAMUX_FUSED_LORA_NORM": "1"}}
+                                    "LORAMUX_FUSED_LORA_QKV": "1"}}
 
 
 @pytest.mark.parametrize("path", list(LORA_PATHS))

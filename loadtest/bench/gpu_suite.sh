@@ -8,8 +8,8 @@
 #   (no argument: all four; `first` = one call with the decisions first: LoRA paths' tests, decode, many;
 #   `quick` = `first` without many, ~6 min, for a call with little device time left; `refresh` = engine GPU tests,
 #   headline decode/prefill figures and the 1,000-adapter closed loop, ~5 min; `profile` = decode and prefill
-#   kernel profiles with and without an adapter and the per-path layer cost, ~6 min; `norm` = the session-7 check:
-#   expand-into-norm GPU tests, decode with it off and on, the 1,000-adapter closed loop, ~7 min)
+#   kernel profiles with and without an adapter and the per-path layer cost, ~6 min; `splits` = decode with the
+#   LoRA launch-shape knobs of kernels/lora_triton.py against the defaults, ~3 min)
 # Run from the repository root with the package importable (pip install -e . or PYTHONPATH, see DESIGN.md §9).
 set -u
 OUT=${OUT:-out/gpu-suite}
@@ -41,18 +41,6 @@ step 70 python -m $B.bench_prefill --shape llama3-8b --prompt-len 2048 --graphs 
 step 100 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 0,1,8,32 --skip-hf \
     --json "$OUT/decode_b32.json"
 step 150 python -m pytest -q -m gpu tests/test_engine_gpu.py tests/test_fused_ops_gpu.py -p no:cacheprovider
-fi
-if [ "$PART" = norm ]; then  # session 7: o/down expands folded into the next norm (LORAMUX_FUSED_LORA_NORM): its GPU
-    # tests, decode with it off and on (with the kernel table), the 1,000-adapter closed loop (engine-thread copy
-    # issue); ~7 min
-step 100 env LORAMUX_FUSED_LORA_NORM=1 python -m pytest -q -m gpu tests/test_lora_paths_gpu.py tests/test_engine_gpu.py \
-    -p no:cacheprovider -k "deferred or overlap_in_cuda_graph or test_engine_gpu"
-step 60 env LORAMUX_FUSED_LORA_NORM=0 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 0,1,32 \
-    --skip-hf --json "$OUT/decode_b32_norm_off.json"
-step 110 env LORAMUX_FUSED_LORA_NORM=1 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 \
-    --adapters 0,1,32 --skip-hf --profile --json "$OUT/decode_b32_norm_on.json"
-step 140 python -m $B.bench_many_adapters --shape llama3-8b --adapters 1000 --ranks 8,16,32,64 --zipf 1.0 \
-    --max-loras 64 --max-cpu-loras 256 --max-cpu-lora-bytes 24000000000 --saturation-seconds 10 --closed-loop-only
 fi
 if [ "$PART" = splits ]; then  # decode launch-shape knobs (kernels/lora_triton.py), baseline in the same call
 step 50 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 1,32 --skip-hf --json "$OUT/d_base.json"

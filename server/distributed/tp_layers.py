@@ -93,9 +93,6 @@ class RowParallelLinear(PackedLinear):
     def forward(self, x, ctx):
         return self.tp.all_reduce(super().forward(x, ctx))
 
-    def forward_deferred(self, x, ctx):
-        return self.forward(x, ctx), None  # the delta must be in the partial sum before the all-reduce
-
 
 class TPDecoderModel(DecoderModel):
     """DecoderModel built on this rank's share of heads / intermediate / vocab; same forward and logits API."""

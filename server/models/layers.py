@@ -25,14 +25,8 @@ class RMSNorm(nn.Module):
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 
-    def fused(self, x: torch.Tensor, residual: torch.Tensor | None,
-              pending=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(normed, new_residual) with new_residual = x + residual (x when None); see kernels.fused_ops. pending: a
-        LoRA expand of the linear that produced x, still to be added (PackedLinear.forward_deferred)."""
-        if pending is not None:
-            from loramux.kernels.lora_norm import add_norm
-
-            return add_norm(x, residual, self.weight, self.eps, pending)
+    def fused(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normed, new_residual) with new_residual = x + residual (x when None); see kernels.fused_ops."""
         return fused_ops.rms_norm(x, self.weight, self.eps, residual, backend=self.fused_backend or "auto")
 
 
@@ -68,17 +62,6 @@ class PackedLinear(nn.Module):
         st = self.lora
         return lora_linear(x, self.weight, self.bias, st.a, st.b, st.ranks, st.scales, self.slice_offsets,
                            ctx.lora_meta, backend=ctx.lora_backend)
-
-    def forward_deferred(self, x: torch.Tensor, ctx: ForwardContext):
-        """-> (y, pending): forward(), or on the Triton decode path y without its LoRA delta and the pending expand
-        for the next RMSNorm.fused to add (kernels.lora_norm; single-slice linears only)."""
-        if self.lora is None or ctx.lora_meta is None:
-            return nn.functional.linear(x, self.weight, self.bias), None
-        from loramux.kernels.lora_norm import linear_deferred
-
-        st = self.lora
-        return linear_deferred(x, self.weight, self.bias, st.a, st.b, st.ranks, st.scales, self.slice_offsets,
-                               ctx.lora_meta, backend=ctx.lora_backend)
 
     def rope_write_kv(self, x: torch.Tensor, ctx: ForwardContext, rope: tuple, backend: str) -> torch.Tensor:
         """q of this q|k|v linear's output, rotated, k/v written to the cache (fused-ops path; rope: the args of

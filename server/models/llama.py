@@ -31,10 +31,8 @@ class DecoderLayer(nn.Module):
         self.down_proj = PackedLinear(cfg.intermediate_size, [h], cfg.mlp_bias, dtype, device)
         self.scale = cfg.head_dim ** -0.5
 
-    def _attention(self, h: torch.Tensor, ctx: ForwardContext, kv: tuple[torch.Tensor, torch.Tensor],
-                   deferred: bool = False):
-        """Normed hidden [T, hidden] -> o_proj output [T, hidden] (no residual); deferred: -> (output, pending
-        LoRA expand or None), see PackedLinear.forward_deferred."""
+    def _attention(self, h: torch.Tensor, ctx: ForwardContext, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Normed hidden [T, hidden] -> o_proj output [T, hidden] (no residual)."""
         cfg = self.cfg
         T = h.shape[0]
         fused = self.input_layernorm.fused_backend  # fused ops on (default): one launch for split + RoPE + KV write
@@ -56,25 +54,21 @@ class DecoderLayer(nn.Module):
         else:
             attn = paged_attention(q, kv[0], kv[1], ctx.block_tables, ctx.seq_lens, ctx.seq_lens_list,
                                    ctx.query_lens, self.scale, cfg.sliding_window)
-        attn = attn.reshape(T, cfg.q_size)
-        return self.o_proj.forward_deferred(attn, ctx) if deferred else self.o_proj(attn, ctx)
+        return self.o_proj(attn.reshape(T, cfg.q_size), ctx)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x = x + self._attention(self.input_layernorm(x), ctx, kv)
         gate, up = self.gate_up_proj(self.post_attention_layernorm(x), ctx).chunk(2, dim=-1)
         return x + self.down_proj(nn.functional.silu(gate) * up, ctx)
 
-    def forward_fused(self, x: torch.Tensor, residual: torch.Tensor | None, pending, ctx: ForwardContext,
-                      kv: tuple[torch.Tensor, torch.Tensor]):
-        """Fused-ops path (the default), residual stream carried separately (x + residual + pending's LoRA delta is
-        the stream): -> (this layer's MLP output, stream before it, its pending down_proj expand or None); same
-        math as forward(). The o/down expands ride in the next norm's launch (kernels.lora_norm)."""
-        h, residual = self.input_layernorm.fused(x, residual, pending)
-        attn, pending = self._attention(h, ctx, kv, deferred=True)
-        h, residual = self.post_attention_layernorm.fused(attn, residual, pending)
+    def forward_fused(self, x: torch.Tensor, residual: torch.Tensor | None, ctx: ForwardContext,
+                      kv: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fused-ops path (the default), residual stream carried separately (x + residual is the stream):
+        -> (this layer's MLP output, stream before it); same math as forward()."""
+        h, residual = self.input_layernorm.fused(x, residual)
+        h, residual = self.post_attention_layernorm.fused(self._attention(h, ctx, kv), residual)
         act = self.gate_up_proj.silu_mul(h, ctx, self.post_attention_layernorm.fused_backend)
-        y, pending = self.down_proj.forward_deferred(act, ctx)
-        return y, residual, pending
+        return self.down_proj(act, ctx), residual
 
 
 class DecoderModel(nn.Module):
@@ -97,10 +91,10 @@ class DecoderModel(nn.Module):
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         if self.norm.fused_backend is not None:  # fused ops on (default), read when the model was built
-            residual = pending = None
+            residual = None
             for layer, kv in zip(self.layers, kv_caches):
-                x, residual, pending = layer.forward_fused(x, residual, pending, ctx, kv)
-            return self.norm.fused(x, residual, pending)[0]
+                x, residual = layer.forward_fused(x, residual, ctx, kv)
+            return self.norm.fused(x, residual)[0]
         for layer, kv in zip(self.layers, kv_caches):
             x = layer(x, ctx, kv)
         return self.norm(x)
