@@ -30,3 +30,24 @@ def test_lora_linear_is_gemm_plus_lora(backend, overlap, bias, T):
 @pytest.mark.skipif(not HAS_TRITON or INTERPRET, reason="needs triton; in-process when already interpreted")
 def test_triton_interpreter_suite():
     run_triton_cases(__file__, "triton", {"LORAMUX_KERNEL_BACKEND": ""})
+
+
+KNOBS = {"LORAMUX_LORA_DECODE_K_PER_SPLIT": "128", "LORAMUX_LORA_MAX_SPLITS": "32", "LORAMUX_LORA_DECODE_N_ITERS": "1"}
+
+
+@pytest.mark.skipif(not HAS_TRITON or INTERPRET, reason="needs triton; in-process when already interpreted")
+def test_decode_launch_knobs():
+    """The decode launch-shape knobs (kernels/lora_triton.py) change the plan (more split-K partials, one column
+    tile per expand program) and the kernels stay correct with them: the fused-expand and two-launch cases."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch; from loramux.kernels.lora_triton import shrink_plan as p; "
+            "print(p(32, 4096, 3, 16, torch.device('cpu'))['parts'], p(32, 1024, 2, 16, torch.device('cpu'))['parts'])")
+    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **KNOBS), capture_output=True, text=True)
+    assert out.stdout.split() == ["32", "8"], out.stderr[-2000:]  # defaults: 8 and 2
+    tests = os.path.dirname(__file__)
+    env = {"LORAMUX_KERNEL_BACKEND": "", "LORAMUX_FUSED_OPS_BACKEND": "", **KNOBS}
+    run_triton_cases(os.path.join(tests, "test_lora_mlp.py"), "triton and (split_k or mixed)", env)
+    run_triton_cases(os.path.join(tests, "test_lora_kernels.py"), "triton and shrink_then_expand", env)
