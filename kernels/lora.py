@@ -189,7 +189,7 @@ def _switch(name: str) -> bool:
 
 
 # The shrink reads only x, so it runs on a side stream while the base GEMM (which it does not depend on) runs;
-# the expand joins both. Decode shrinks cost ~3-4 us each, mostly fixed latency.
+# the expand joins both. Decode shrinks take ~8-10 us each on the H100 (session-7 profile), mostly still exposed.
 OVERLAP = _switch("LORAMUX_LORA_OVERLAP")
 # gate|up expand + SiLU*mul in one kernel (gate_up_silu; lora_mlp_triton.py), q|k|v expand + RoPE + KV write in
 # one kernel (qkv_rope_kv; lora_qkv_triton.py).
