@@ -66,6 +66,21 @@ def test_cuda_graphs_equal_eager(world, tmp_path):
     assert graphs == eager
 
 
+def test_async_decode_equals_sync(world, tmp_path, monkeypatch):
+    """Decode steps launched one ahead from the device-side tokens (LORAMUX_ASYNC_DECODE=1), CUDA graphs on: the
+    same tokens as the synchronous engine (no stop tokens, so both run the same batches)."""
+    base, adapters = world
+    names = (list(adapters) + [None] * 10)[:10]
+    prompts = _workload()
+    params = [SamplingParams(max_tokens=8 + 3 * i, temperature=0.0, ignore_eos=True) for i in range(10)]
+    sync = run_all(_engine(base, adapters, tmp_path / "s", "cuda", torch.bfloat16, True), prompts, params,
+                   adapters=names, stagger=2)
+    monkeypatch.setenv("LORAMUX_ASYNC_DECODE", "1")
+    engine = _engine(base, adapters, tmp_path / "a", "cuda", torch.bfloat16, True)
+    assert run_all(engine, prompts, params, adapters=names, stagger=2) == sync
+    assert engine.steps_launched_ahead > 20
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_mixed_step_graphs_equal_eager(world, tmp_path, dtype):
     """Steps with prefill tokens replay mixed-step graphs (table-driven attention, padded token buckets): the

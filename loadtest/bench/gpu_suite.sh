@@ -8,8 +8,8 @@
 #   (no argument: all four; `first` = one call with the decisions first: LoRA paths' tests, decode, many;
 #   `quick` = `first` without many, ~6 min, for a call with little device time left; `refresh` = engine GPU tests,
 #   headline decode/prefill figures and the 1,000-adapter closed loop, ~5 min; `profile` = decode and prefill
-#   kernel profiles with and without an adapter and the per-path layer cost, ~6 min; `splits` = decode with the
-#   LoRA launch-shape knobs of kernels/lora_triton.py against the defaults, ~3 min)
+#   kernel profiles with and without an adapter and the per-path layer cost, ~6 min; `next` = the async-decode
+#   GPU test, then decode with LORAMUX_ASYNC_DECODE=1 and with the LoRA launch-shape knobs against the defaults, ~5 min)
 # Run from the repository root with the package importable (pip install -e . or PYTHONPATH, see DESIGN.md §9).
 set -u
 OUT=${OUT:-out/gpu-suite}
@@ -42,8 +42,12 @@ step 100 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 
     --json "$OUT/decode_b32.json"
 step 150 python -m pytest -q -m gpu tests/test_engine_gpu.py tests/test_fused_ops_gpu.py -p no:cacheprovider
 fi
-if [ "$PART" = splits ]; then  # decode launch-shape knobs (kernels/lora_triton.py), baseline in the same call
-step 50 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 1,32 --skip-hf --json "$OUT/d_base.json"
+if [ "$PART" = next ]; then  # session 7's unmeasured levers, each beside the defaults in the same call: decode steps
+    # launched one ahead (LORAMUX_ASYNC_DECODE), the LoRA decode launch-shape knobs (kernels/lora_triton.py)
+step 120 python -m pytest -q -m gpu tests/test_engine_gpu.py -k "async or graphs_equal" -p no:cacheprovider
+step 60 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 0,1,32 --skip-hf --json "$OUT/d_base.json"
+step 60 env LORAMUX_ASYNC_DECODE=1 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 0,1,32 \
+    --skip-hf --json "$OUT/d_async.json"
 step 50 env LORAMUX_LORA_DECODE_K_PER_SPLIT=128 LORAMUX_LORA_MAX_SPLITS=32 python -m $B.bench_gpu_vs_peft \
     --shape llama3-8b --batch 32 --adapters 1,32 --skip-hf --json "$OUT/d_split.json"
 step 50 env LORAMUX_LORA_DECODE_K_PER_SPLIT=128 LORAMUX_LORA_MAX_SPLITS=32 LORAMUX_LORA_DECODE_N_ITERS=1 python -m \

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -38,6 +39,11 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self.last_step = StepStats()
         self._rng = random.Random()
+        # Decode steps launched one ahead (LORAMUX_ASYNC_DECODE=1, experimental): see _launch_next.
+        self.async_decode = os.environ.get("LORAMUX_ASYNC_DECODE", "0") == "1" and \
+            getattr(runner, "parallel", None) is None and hasattr(runner, "launch")
+        self._ahead: tuple[ScheduledBatch, object] | None = None  # launched, tokens not yet read
+        self.steps_launched_ahead = 0
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     adapter_id: str | None = None, tenant: str | None = None) -> Request:
@@ -61,33 +67,79 @@ class Engine:
         return req is not None
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self._ahead is not None or self.scheduler.has_work()
 
     def step(self) -> list[RequestOutput]:
         t0 = time.perf_counter()
-        batch = self.scheduler.schedule()
-        outputs = [self._finished_output(req, "abort") for req, _ in batch.failed]
-        for req, reason in batch.failed:
-            log.warning("request %s failed: %s", req.request_id, reason)
-            self.requests.pop(req.request_id, None)
-        if batch.empty:
-            self.last_step = StepStats(step_time=time.perf_counter() - t0)
-            return outputs
+        outputs: list[RequestOutput] = []
+        if self._ahead is not None:  # launched by the previous step() before it read its own tokens
+            (batch, launched), self._ahead = self._ahead, None
+        else:
+            batch = self.scheduler.schedule()
+            outputs = [self._finished_output(req, "abort") for req, _ in batch.failed]
+            for req, reason in batch.failed:
+                log.warning("request %s failed: %s", req.request_id, reason)
+                self.requests.pop(req.request_id, None)
+            if batch.empty:
+                self.last_step = StepStats(step_time=time.perf_counter() - t0)
+                return outputs
+            if not self.async_decode:
+                t1 = time.perf_counter()
+                sampled = self.runner.execute(batch)
+                model_time = time.perf_counter() - t1
+                outputs.extend(self._update(batch, sampled))
+                self.last_step = StepStats(len(batch.requests), batch.num_tokens, time.perf_counter() - t0,
+                                           model_time)
+                return outputs
+            launched = self.runner.launch(batch, device_tokens=True)
         t1 = time.perf_counter()
-        sampled = self.runner.execute(batch)
+        self._ahead = self._launch_next(batch, launched)
+        sampled = self.runner.finish(launched)
         model_time = time.perf_counter() - t1
-        outputs.extend(self._update(batch, sampled))
+        outputs.extend(self._update(batch, sampled, pre_applied=self._ahead is not None))
         self.last_step = StepStats(len(batch.requests), batch.num_tokens, time.perf_counter() - t0, model_time)
         return outputs
 
-    def _update(self, batch: ScheduledBatch, sampled: dict) -> list[RequestOutput]:
+    def _launch_next(self, batch: ScheduledBatch, launched) -> tuple[ScheduledBatch, object] | None:
+        """Launch the next decode step before reading this one's tokens, so the device never waits for the host's
+        bookkeeping: its input ids come from this step's device-side tokens. Only when that step is exactly what
+        schedule() would make: every running request decoding, in order, nobody waiting for admission, none
+        finishing by length now, and blocks for all. This step's bookkeeping is applied first with a placeholder
+        token that _update fills in; a request that stops on a token now has its next-step row discarded."""
+        sch, reqs = self.scheduler, batch.requests
+        if getattr(launched, "tokens_dev", None) is None or not launched.feeds_next or sch.waiting or \
+                len(reqs) != len(sch.running) or any(a is not b for a, b in zip(reqs, sch.running)) or \
+                any(n != 1 for n in batch.num_new_tokens) or \
+                sum(self.blocks.extra_blocks_needed(r, 2) for r in reqs) > self.blocks.num_free:
+            return None
+        for req in reqs:
+            if self.requests.get(req.request_id) is not req or len(req.output_token_ids) + 1 >= \
+                    req.params.max_tokens or req.num_tokens + 1 >= self.config.max_model_len:
+                return None
+        for req in reqs:
+            req.num_computed_tokens += 1
+            req.output_token_ids.append(0)  # placeholder for this step's token (the next step reads it on device)
+            self.blocks.allocate(req, 1)
+        nxt = ScheduledBatch(requests=list(reqs), num_new_tokens=[1] * len(reqs))
+        self.steps_launched_ahead += 1
+        return nxt, self.runner.launch(nxt, device_tokens=True, ids_from=launched)
+
+    def _update(self, batch: ScheduledBatch, sampled: dict, pre_applied: bool = False) -> list[RequestOutput]:
+        """Apply a step's tokens. pre_applied: _launch_next already advanced the requests and appended a
+        placeholder for the token. Requests finished or aborted while this step ran ahead are skipped."""
         outputs = []
         for req, n in zip(batch.requests, batch.num_new_tokens):
-            req.num_computed_tokens += n
+            if self.requests.get(req.request_id) is not req:
+                continue
+            if not pre_applied:
+                req.num_computed_tokens += n
             if req.request_id not in sampled:
                 continue  # a prefill chunk that did not reach the end of the prompt
             token, logprob = sampled[req.request_id]
-            req.output_token_ids.append(token)
+            if pre_applied:
+                req.output_token_ids[-1] = token
+            else:
+                req.output_token_ids.append(token)
             status = self._check_stop(req, token)
             if status is not None:
                 self.scheduler.finish(req, status)

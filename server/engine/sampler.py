@@ -88,6 +88,13 @@ class Sampler:
         self._arange: dict[torch.device, torch.Tensor] = {}
         self._cache: dict[int, tuple[list[int], int, torch.Tensor]] = {}  # id(list) -> (list, len, CPU ids)
 
+    @staticmethod
+    def plain_greedy(p: SamplingParams) -> bool:
+        """Whether a row takes the fast path of __call__: argmax, no penalty, no logprobs (so its token can be
+        picked on the device and fed to the next step before the host reads it)."""
+        return (p.temperature < _EPS or p.top_k == 1) and p.logprobs is None and p.repetition_penalty == 1.0 \
+            and p.frequency_penalty == 0.0 and p.presence_penalty == 0.0
+
     def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> SampleResult:
         if logits.shape[0] != len(rows):
             raise ValueError(f"logits has {logits.shape[0]} rows but {len(rows)} sample rows were given")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,6 +19,20 @@ from loramux.server.models.weights import init_random_weights, load_weights
 from .step_inputs import HostStaging, host_layout, views
 
 log = logging.getLogger("loramux.runner")
+
+
+@dataclass
+class Launched:
+    """A step queued on the device whose sampled tokens are not read yet (ModelRunner.launch / finish)."""
+
+    request_ids: list[str]  # the sampled requests, in row order
+    logits: torch.Tensor | None  # [rows, V] (a graph's static output: read before the next replay)
+    rows: list[SampleRow]
+    t0: float
+    feeds_next: bool  # a decode step may take its input ids from tokens_dev (not a mixed-step graph)
+    tokens_dev: torch.Tensor | None = None  # [rows] int64 greedy tokens on the device
+    tokens_host: torch.Tensor | None = None  # pinned copy of tokens_dev (CUDA)
+    event: object = None  # recorded behind that copy
 
 
 class ModelRunner:
@@ -53,6 +68,8 @@ class ModelRunner:
         self.staging = HostStaging(self.device)  # the step's packed host buffers (pinned on CUDA)
         self.last_forward_s = 0.0  # see execute()
         self.sync_timing = False  # engine benchmark: sync after the forward so last_forward_s is the forward alone
+        self._tok_bufs: list[torch.Tensor | None] = [None, None]  # pinned targets of launch()'s device tokens
+        self._tok_ring = 0
         self.max_model_len = max_model_len
         self.graphs = None  # cuda_graphs.DecodeGraphs once enable_cuda_graphs() ran
         self.mixed_graphs = None  # mixed_graphs.MixedGraphs: steps with prefill tokens, when enabled
@@ -147,8 +164,16 @@ class ModelRunner:
                              max_seq_len=self.max_model_len)
         return t.ids, ctx, t.token_slots
 
-    @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> dict[str, tuple[int, TokenLogprob | None]]:
+        """Run one step: forward + sampling -> {request_id: (token, logprob or None)} of the sampled requests."""
+        return self.finish(self.launch(batch))
+
+    @torch.inference_mode()
+    def launch(self, batch: ScheduledBatch, device_tokens: bool = False, ids_from: "Launched | None" = None):
+        """Queue a step's forward (no sync) -> Launched, for finish(). device_tokens: when every sampled row is
+        plain greedy, pick the tokens on the device and start their copy to the host (Launched.tokens_dev), so a
+        next decode step can be launched from them before the host reads them. ids_from: a decode step's input ids
+        are the tokens of that earlier launch (same requests, same order), not the host's placeholders."""
         host, sample_idx = self._host_and_broadcast(batch, False)
         n = len(batch.requests)
         # A decode step (one token per sequence) that fits a bucket replays a graph: its inputs go straight into the
@@ -159,6 +184,11 @@ class ModelRunner:
             mixed = self.mixed_graphs.stage(host)
         if staged is None and mixed is None:
             input_ids, ctx, _ = self.prepare_host(host)
+        if ids_from is not None:  # queued after the staging copy, so it overwrites the placeholders
+            if mixed is not None:
+                raise ValueError("ids_from needs a decode-graph or eager step")
+            ids = self.graphs.inputs[staged[0]].ids if staged is not None else input_ids
+            ids[:n].copy_(ids_from.tokens_dev[:n])
         t0 = time.perf_counter()
         if staged is not None:
             logits = self.graphs.replay(*staged, n)  # every row is sampled
@@ -169,22 +199,47 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[ctx.logits_indices]) if sample_idx else None
         if self.sync_timing and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        # last_forward_s: on CPU, or with sync_timing, the forward from its first launch to its completion. Else on
-        # CUDA (no timing-only sync) from the first launch to the sampled tokens on the host: forward + sampling, as
-        # the sampler's device->host read is the step's only sync; a step that samples nothing records the launches.
-        self.last_forward_s = time.perf_counter() - t0
-        if not sample_idx:
-            return {}
+        self.last_forward_s = time.perf_counter() - t0  # see finish()
         rows = []
         for i in sample_idx:
             req = batch.requests[i]
             rows.append(SampleRow(req.params, req.seed, len(req.output_token_ids), req.prompt_token_ids,
                                   req.output_token_ids))
-        result = self.sampler(logits, rows)
+        out = Launched([batch.requests[i].request_id for i in sample_idx], logits, rows, t0, mixed is None)
+        if device_tokens and rows and all(Sampler.plain_greedy(r.params) for r in rows):
+            out.tokens_dev = logits[:, :self.sampler.vocab_size].argmax(-1)
+            if self.device.type == "cuda":  # the host copy starts now; finish() waits for its event only
+                self._tok_ring = (self._tok_ring + 1) % 2
+                buf = self._tok_bufs[self._tok_ring]
+                if buf is None or buf.numel() < n:
+                    buf = self._tok_bufs[self._tok_ring] = torch.empty(max(n, 256), dtype=torch.int64,
+                                                                       pin_memory=True)
+                out.tokens_host = buf[:len(rows)]
+                out.tokens_host.copy_(out.tokens_dev, non_blocking=True)
+                out.event = torch.cuda.Event()
+                out.event.record()
+        return out
+
+    def finish(self, launched: "Launched") -> dict[str, tuple[int, TokenLogprob | None]]:
+        """Wait for a launched step's tokens -> {request_id: (token, logprob or None)}.
+        last_forward_s: on CPU, or with sync_timing, the forward from its first launch to its completion. Else on
+        CUDA (no timing-only sync) from the first launch to the sampled tokens on the host: forward + sampling, as
+        reading the sampled ids is the step's only sync; a step that samples nothing records the launches."""
+        if not launched.request_ids:
+            return {}
+        if launched.tokens_dev is not None:
+            if launched.event is not None:
+                launched.event.synchronize()
+                tokens = launched.tokens_host.tolist()
+            else:
+                tokens = launched.tokens_dev.tolist()
+            logprobs = [None] * len(tokens)
+        else:
+            result = self.sampler(launched.logits, launched.rows)
+            tokens, logprobs = result.token_ids, result.logprobs
         if not self.sync_timing and self.device.type == "cuda":
-            self.last_forward_s = time.perf_counter() - t0
-        return {batch.requests[i].request_id: (tok, lp)
-                for i, tok, lp in zip(sample_idx, result.token_ids, result.logprobs)}
+            self.last_forward_s = time.perf_counter() - launched.t0
+        return dict(zip(launched.request_ids, zip(tokens, logprobs)))
 
     @torch.inference_mode()
     def forward_logits(self, batch: ScheduledBatch) -> torch.Tensor:

@@ -1,0 +1,76 @@
+"""Engine with decode steps launched one ahead (LORAMUX_ASYNC_DECODE=1, engine._launch_next): the same tokens and
+finish reasons as the synchronous engine, through arrivals mid-run, stop tokens, length limits and aborts, with
+every block given back. CPU, the embedded demo model, fp32."""
+from __future__ import annotations
+
+import pytest
+
+from engine_helpers import make_engine
+from loramux.server.engine.request import SamplingParams
+from loramux.server.models.demo import ensure_demo_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return ensure_demo_model(tmp_path_factory.mktemp("demo"))
+
+
+def drive(engine, jobs, stagger: int = 2, abort_at: dict | None = None):
+    """Add jobs (id, prompt, params) one every `stagger` steps, abort ids at given step numbers, step until
+    done -> ({id: tokens}, {id: finish reason}, steps that left a step launched ahead)."""
+    tokens, reasons, step = {}, {}, 0
+    pending = list(jobs)
+    while pending or engine.has_work():
+        if pending and step % stagger == 0:
+            rid, prompt, params = pending.pop(0)
+            engine.add_request(rid, prompt, params)
+            tokens[rid] = []
+        for rid in (abort_at or {}).get(step, []):
+            if engine.abort(rid):
+                reasons[rid] = "aborted"
+        for o in engine.step():
+            assert reasons.get(o.request_id) != "aborted", "output after abort"
+            tokens[o.request_id].extend(o.new_token_ids)
+            if o.finished:
+                reasons[o.request_id] = o.finish_reason
+        step += 1
+        assert step < 5000
+    assert engine.blocks.num_free == engine.blocks.num_blocks, "blocks leaked"
+    return tokens, reasons, engine.steps_launched_ahead
+
+
+def workload(stop_token: int | None):
+    jobs = []
+    for i in range(10):
+        prompt = [(13 * i + 7 * j) % 200 + 3 for j in range(4 + 3 * i)]
+        stop = [stop_token] if stop_token is not None and i % 3 == 0 else []
+        jobs.append((f"r{i}", prompt, SamplingParams(max_tokens=6 + 5 * i, temperature=0.0, ignore_eos=True,
+                                                     stop_token_ids=stop)))
+    return jobs
+
+
+def run(model_dir, monkeypatch, mode: str, jobs, **kw):
+    monkeypatch.setenv("LORAMUX_ASYNC_DECODE", mode)
+    engine = make_engine(model_dir, num_blocks=96, max_seqs=8, kernel_backend="torch")
+    assert engine.async_decode == (mode == "1")
+    return drive(engine, jobs, **kw)
+
+
+def test_same_tokens_and_reasons_as_sync(model_dir, monkeypatch):
+    plain, _, _ = run(model_dir, monkeypatch, "0", workload(None))
+    stop = plain["r0"][3]  # a token the model does produce: requests r0, r3, r6, r9 may stop on it
+    sync_tokens, sync_reasons, sync_ahead = run(model_dir, monkeypatch, "0", workload(stop))
+    tokens, reasons, ahead = run(model_dir, monkeypatch, "1", workload(stop))
+    assert sync_ahead == 0 and ahead > 20, ahead  # steps were in fact launched ahead
+    assert "stop" in sync_reasons.values() and "length" in sync_reasons.values()
+    assert tokens == sync_tokens and reasons == sync_reasons
+
+
+def test_aborts_while_a_step_runs_ahead(model_dir, monkeypatch):
+    jobs = [(f"a{i}", [5 + i, 9, 11, 2 * i + 1], SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True))
+            for i in range(5)]
+    tokens, reasons, ahead = run(model_dir, monkeypatch, "1", jobs, stagger=1, abort_at={12: ["a1", "a3"]})
+    assert ahead > 10
+    assert reasons["a1"] == reasons["a3"] == "aborted"
+    assert all(reasons[f"a{i}"] == "length" and len(tokens[f"a{i}"]) == 30 for i in (0, 2, 4))
+    assert 0 < len(tokens["a1"]) < 30 and 0 < len(tokens["a3"]) < 30
