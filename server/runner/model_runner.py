@@ -66,7 +66,7 @@ class ModelRunner:
         self.sampler = Sampler(model_config.vocab_size)
         self.lora_slots = lora_slots  # runner.lora_slots.LoRASlots or None
         self.staging = HostStaging(self.device)  # the step's packed host buffers (pinned on CUDA)
-        self.last_forward_s = 0.0  # see execute()
+        self.last_forward_s = 0.0  # see finish()
         self.sync_timing = False  # engine benchmark: sync after the forward so last_forward_s is the forward alone
         self._tok_bufs: list[torch.Tensor | None] = [None, None]  # pinned targets of launch()'s device tokens
         self._tok_ring = 0
@@ -220,6 +220,7 @@ class ModelRunner:
                 out.event.record()
         return out
 
+    @torch.inference_mode()
     def finish(self, launched: "Launched") -> dict[str, tuple[int, TokenLogprob | None]]:
         """Wait for a launched step's tokens -> {request_id: (token, logprob or None)}.
         last_forward_s: on CPU, or with sync_timing, the forward from its first launch to its completion. Else on
