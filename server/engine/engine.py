@@ -83,18 +83,13 @@ class Engine:
             if batch.empty:
                 self.last_step = StepStats(step_time=time.perf_counter() - t0)
                 return outputs
-            if not self.async_decode:
-                t1 = time.perf_counter()
-                sampled = self.runner.execute(batch)
-                model_time = time.perf_counter() - t1
-                outputs.extend(self._update(batch, sampled))
-                self.last_step = StepStats(len(batch.requests), batch.num_tokens, time.perf_counter() - t0,
-                                           model_time)
-                return outputs
-            launched = self.runner.launch(batch, device_tokens=True)
+            launched = self.runner.launch(batch, device_tokens=True) if self.async_decode else None
         t1 = time.perf_counter()
-        self._ahead = self._launch_next(batch, launched)
-        sampled = self.runner.finish(launched)
+        if launched is None:
+            sampled = self.runner.execute(batch)
+        else:
+            self._ahead = self._launch_next(batch, launched)
+            sampled = self.runner.finish(launched)
         model_time = time.perf_counter() - t1
         outputs.extend(self._update(batch, sampled, pre_applied=self._ahead is not None))
         self.last_step = StepStats(len(batch.requests), batch.num_tokens, time.perf_counter() - t0, model_time)
@@ -107,7 +102,7 @@ class Engine:
         finishing by length now, and blocks for all. This step's bookkeeping is applied first with a placeholder
         token that _update fills in; a request that stops on a token now has its next-step row discarded."""
         sch, reqs = self.scheduler, batch.requests
-        if getattr(launched, "tokens_dev", None) is None or not launched.feeds_next or sch.waiting or \
+        if launched.tokens_dev is None or not launched.feeds_next or sch.waiting or \
                 len(reqs) != len(sch.running) or any(a is not b for a, b in zip(reqs, sch.running)) or \
                 any(n != 1 for n in batch.num_new_tokens) or \
                 sum(self.blocks.extra_blocks_needed(r, 2) for r in reqs) > self.blocks.num_free:

@@ -101,14 +101,16 @@ class Sampler:
         if logits.shape[1] > self.vocab_size:
             logits = logits[:, :self.vocab_size]
         params = [r.params for r in rows]
+        if all(self.plain_greedy(p) for p in params):  # fast path: all greedy, nothing else
+            if self._cache:  # no penalty rows: nothing to keep
+                self._cache = {}
+            return SampleResult(logits.argmax(-1).tolist(), [None] * len(rows))
         rand = [i for i, p in enumerate(params) if p.temperature >= _EPS and p.top_k != 1]
         pen = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0
                or p.presence_penalty != 0.0]
         lp_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
         if not pen and self._cache:
             self._cache = {}
-        if not rand and not pen and not lp_rows:  # fast path: all greedy, nothing else
-            return SampleResult(logits.argmax(-1).tolist(), [None] * len(rows))
 
         dev, vocab = logits.device, logits.shape[1]
         x = self._penalize(logits.float(), rows, pen) if pen else logits.float()

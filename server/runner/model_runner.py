@@ -211,8 +211,8 @@ class ModelRunner:
             if self.device.type == "cuda":  # the host copy starts now; finish() waits for its event only
                 self._tok_ring = (self._tok_ring + 1) % 2
                 buf = self._tok_bufs[self._tok_ring]
-                if buf is None or buf.numel() < n:
-                    buf = self._tok_bufs[self._tok_ring] = torch.empty(max(n, 256), dtype=torch.int64,
+                if buf is None or buf.numel() < len(rows):
+                    buf = self._tok_bufs[self._tok_ring] = torch.empty(max(len(rows), 256), dtype=torch.int64,
                                                                        pin_memory=True)
                 out.tokens_host = buf[:len(rows)]
                 out.tokens_host.copy_(out.tokens_dev, non_blocking=True)
