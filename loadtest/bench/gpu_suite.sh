@@ -52,6 +52,10 @@ step 50 env LORAMUX_LORA_DECODE_K_PER_SPLIT=128 LORAMUX_LORA_MAX_SPLITS=32 pytho
     --shape llama3-8b --batch 32 --adapters 1,32 --skip-hf --json "$OUT/d_split.json"
 step 50 env LORAMUX_LORA_DECODE_K_PER_SPLIT=128 LORAMUX_LORA_MAX_SPLITS=32 LORAMUX_LORA_DECODE_N_ITERS=1 python -m \
     $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 1,32 --skip-hf --json "$OUT/d_split_n1.json"
+for a in 0 1; do  # batch 64, synchronous then launched one ahead
+    step 60 env LORAMUX_ASYNC_DECODE=$a python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 64 --adapters 0,64 \
+        --max-loras 64 --skip-hf --json "$OUT/d64_async$a.json"
+done
 fi
 if [ "$PART" = profile ]; then  # where a decode step's LoRA time goes (D = 0 vs 1, kernel table), per-path layer cost
 step 120 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 0,1 --skip-hf --profile
