@@ -57,6 +57,12 @@ for a in 0 1; do  # batch 64, synchronous then launched one ahead
         --max-loras 64 --skip-hf --json "$OUT/d64_async$a.json"
 done
 fi
+if [ "$PART" = verify ]; then  # the engine GPU tests (async decode among them), then 1,000 adapters launched one ahead
+step 150 python -m pytest -q -m gpu tests/test_engine_gpu.py -p no:cacheprovider
+step 240 env LORAMUX_ASYNC_DECODE=1 python -m $B.bench_many_adapters --shape llama3-8b --adapters 1000 \
+    --ranks 8,16,32,64 --zipf 1.0 --max-loras 64 --max-cpu-loras 256 --max-cpu-lora-bytes 24000000000 --load 0.9 \
+    --duration 20 --saturation-seconds 10 --mixed-graphs on --json "$OUT/many_async.json"
+fi
 if [ "$PART" = profile ]; then  # where a decode step's LoRA time goes (D = 0 vs 1, kernel table), per-path layer cost
 step 120 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 0,1 --skip-hf --profile
 step 90 python -m $B.bench_prefill --shape llama3-8b --prompt-len 2048 --repeats 2 --profile

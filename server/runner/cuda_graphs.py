@@ -1,6 +1,7 @@
 """CUDA graphs for decode steps: captured once per bucketed batch size (with and without LoRA), replayed per step."""
 from __future__ import annotations
 
+import gc
 import logging
 import time
 
@@ -24,8 +25,14 @@ def capture_graph(fn, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        out = fn()
+    # The cyclic collector must not run inside the capture: freeing a dead engine's graphs there invalidates it
+    # (torch's graph context no longer collects first unless force_cudagraph_gc is set); it runs after instead.
+    gc.disable()
+    try:
+        with torch.cuda.graph(graph, pool=pool):
+            out = fn()
+    finally:
+        gc.enable()
     return graph, out
 
 
