@@ -74,3 +74,48 @@ def test_aborts_while_a_step_runs_ahead(model_dir, monkeypatch):
     assert reasons["a1"] == reasons["a3"] == "aborted"
     assert all(reasons[f"a{i}"] == "length" and len(tokens[f"a{i}"]) == 30 for i in (0, 2, 4))
     assert 0 < len(tokens["a1"]) < 30 and 0 < len(tokens["a3"]) < 30
+
+
+def test_sampled_rows_launch_ahead_with_the_same_tokens(model_dir, monkeypatch):
+    """Seeded temperature / top-k / top-p / min-p rows are picked on the device too (Sampler.device_tokens), so
+    they run ahead as well; each token depends only on its seed and position, so the tokens equal the synchronous
+    engine's. A row with a penalty needs the host's token lists: while it runs, no step is launched ahead."""
+    def jobs(penalty_row: bool):
+        out = []
+        for i in range(8):
+            p = SamplingParams(max_tokens=10 + 4 * i, temperature=[0.0, 0.7, 1.2, 0.9][i % 4], top_k=[-1, 20][i % 2],
+                               top_p=[1.0, 0.9, 0.8][i % 3], min_p=0.05 * (i % 2), seed=100 + i, ignore_eos=True)
+            if penalty_row and i == 7:
+                p.presence_penalty = 0.5
+            out.append((f"s{i}", [(11 * i + 5 * j) % 200 + 3 for j in range(3 + 2 * i)], p))
+        return out
+    for penalty_row in (False, True):
+        sync_tokens, sync_reasons, _ = run(model_dir, monkeypatch, "0", jobs(penalty_row))
+        tokens, reasons, ahead = run(model_dir, monkeypatch, "1", jobs(penalty_row))
+        assert tokens == sync_tokens and reasons == sync_reasons
+        assert len({tuple(t) for t in tokens.values()}) == 8  # the sampled rows did not collapse to one stream
+        if penalty_row:  # only the steps after s7 finished (its penalty rows) could run ahead
+            assert ahead < ahead_free, (ahead, ahead_free)
+        else:
+            ahead_free = ahead
+            assert ahead > 20, ahead
+
+
+@pytest.mark.parametrize("mode,device,parallel,want", [
+    (None, "cuda", None, True), (None, "cpu", None, False), ("0", "cuda", None, False), ("1", "cpu", None, True),
+    (None, "cuda", object(), False)])
+def test_mode_default_follows_the_device(monkeypatch, mode, device, parallel, want):
+    """Unset (auto): on for a CUDA runner, off on CPU (no overlap to win there); never for a tensor-parallel one."""
+    import torch
+    from loramux.server.engine.engine import Engine
+    from loramux.server.engine.scheduler import SchedulerConfig
+    if mode is None:
+        monkeypatch.delenv("LORAMUX_ASYNC_DECODE", raising=False)
+    else:
+        monkeypatch.setenv("LORAMUX_ASYNC_DECODE", mode)
+
+    class Runner:
+        def launch(self, *a, **k): ...
+    runner = Runner()
+    runner.device, runner.parallel = torch.device(device), parallel
+    assert Engine(runner, SchedulerConfig(), 8, 4, []).async_decode is want

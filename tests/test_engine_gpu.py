@@ -67,12 +67,15 @@ def test_cuda_graphs_equal_eager(world, tmp_path):
 
 
 def test_async_decode_equals_sync(world, tmp_path, monkeypatch):
-    """Decode steps launched one ahead from the device-side tokens (LORAMUX_ASYNC_DECODE=1), CUDA graphs on: the
-    same tokens as the synchronous engine (no stop tokens, so both run the same batches)."""
+    """Decode steps launched one ahead from the device-side tokens (LORAMUX_ASYNC_DECODE=1, the CUDA default), CUDA
+    graphs on: the same tokens as the synchronous engine (no stop tokens, so both run the same batches), greedy and
+    seeded sampled rows alike."""
     base, adapters = world
     names = (list(adapters) + [None] * 10)[:10]
     prompts = _workload()
-    params = [SamplingParams(max_tokens=8 + 3 * i, temperature=0.0, ignore_eos=True) for i in range(10)]
+    params = [SamplingParams(max_tokens=8 + 3 * i, temperature=0.8 * (i % 2), top_p=0.9, seed=i, ignore_eos=True)
+              for i in range(10)]
+    monkeypatch.setenv("LORAMUX_ASYNC_DECODE", "0")
     sync = run_all(_engine(base, adapters, tmp_path / "s", "cuda", torch.bfloat16, True), prompts, params,
                    adapters=names, stagger=2)
     monkeypatch.setenv("LORAMUX_ASYNC_DECODE", "1")

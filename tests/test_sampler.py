@@ -243,3 +243,26 @@ def test_penalty_cache_follows_growing_lists():
         out.append(sampler(logits, [row]).token_ids[0])
     assert out == [0, 1, 2, 3]
     assert len(sampler._cache) == 1
+
+
+def test_device_tokens_match_reference_for_host_free_rows():
+    """device_tokens (no host sync; what decode steps launched ahead use) picks the reference's token for every
+    row without penalties or logprobs: greedy, seeded random and mixed batches, padded vocabulary."""
+    vocab, rng = 60, random.Random(3)
+    sampler = Sampler(vocab)
+    torch.manual_seed(3)
+    for greedy_only in (True, False, False, False):
+        rows = []
+        for _ in range(12):
+            p = _random_params(rng, vocab)
+            p.repetition_penalty, p.frequency_penalty, p.presence_penalty, p.logprobs = 1.0, 0.0, 0.0, None
+            if greedy_only:
+                p.temperature = 0.0
+            rows.append(_row(p, seed=rng.getrandbits(64), index=rng.randrange(50)))
+        assert all(Sampler.host_free(r.params) for r in rows)
+        logits = torch.randn(12, vocab + 4) * 3  # 4 padded columns, never sampled
+        logits[:, vocab:] = 100.0
+        got = sampler.device_tokens(logits, rows)
+        assert got.dtype == torch.int64 and got.shape == (12,)
+        assert got.tolist() == [reference_token(logits[i, :vocab], r) for i, r in enumerate(rows)]
+        assert got.tolist() == sampler(logits, rows).token_ids

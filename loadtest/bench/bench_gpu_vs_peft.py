@@ -61,7 +61,8 @@ def run_ours(args, cfg, n_adapters: int, bw: float, adapters: list) -> dict:
                            if n_adapters else None)
     while engine.has_work():
         engine.step()
-    params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=args.new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            ignore_eos=True)
     for i in range(args.batch):
         prompt = torch.randint(0, cfg.vocab_size, (args.prompt_len,), generator=g).tolist()
         aid = adapters[i % n_adapters].adapter_id if n_adapters else None
@@ -230,6 +231,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-lora-rank", type=int, default=0,
                     help="slot rank (the server's --max-lora-rank; default: --rank, so no padding is read around)")
     ap.add_argument("--hf-new-tokens-slow", type=int, default=16, help="HF tokens when >= 4 adapters (it is slow)")
+    ap.add_argument("--temperature", type=float, default=0.0, help="loramux rows' sampling (HF stays greedy)")
+    ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--profile", action="store_true", help="print the top kernels of 5 decode steps")

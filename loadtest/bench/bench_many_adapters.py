@@ -102,11 +102,12 @@ def saturation_rate(engine, args, pick_adapter, vocab: int, seconds: float = 20.
     rng, n, done, tokens, t0 = random.Random(1), 0, 0, 0, time.perf_counter()
     slots = engine.runner.lora_slots
     diag = dict.fromkeys(("steps", "empty_steps", "requests", "step_s", "model_s"), 0.0)
-    copies0 = dict(getattr(slots, "copy_seconds", {}))
+    copies0, ahead0 = dict(getattr(slots, "copy_seconds", {})), engine.steps_launched_ahead
     while time.perf_counter() - t0 < warm + seconds:
         if warm and time.perf_counter() - t0 >= warm:
             warm, done, tokens, t0 = 0.0, 0, 0, time.perf_counter()
             diag, copies0 = dict.fromkeys(diag, 0.0), dict(getattr(slots, "copy_seconds", {}))
+            ahead0 = engine.steps_launched_ahead
         while len(engine.requests) < args.max_num_seqs:
             engine.add_request(f"s{n}-{t0}", [rng.randrange(1, vocab) for _ in range(args.prompt_len)], params,
                                pick_adapter(rng))
@@ -122,7 +123,8 @@ def saturation_rate(engine, args, pick_adapter, vocab: int, seconds: float = 20.
     copies = {k: round(v - copies0.get(k, 0.0), 3) for k, v in getattr(slots, "copy_seconds", {}).items()}
     print(f"  closed loop {wall:.1f} s: {diag['steps']:.0f} steps ({diag['empty_steps']:.0f} with no request), "
           f"{diag['requests'] / max(diag['steps'], 1):.1f} requests per step, step time {diag['step_s']:.2f} s "
-          f"(model {diag['model_s']:.2f} s); slot-copy seconds {copies}", flush=True)
+          f"(model {diag['model_s']:.2f} s), {engine.steps_launched_ahead - ahead0} launched ahead; slot-copy seconds "
+          f"{copies}", flush=True)
     drain(engine)
     return done / wall, tokens / wall
 

@@ -57,9 +57,14 @@ for a in 0 1; do  # batch 64, synchronous then launched one ahead
         --max-loras 64 --skip-hf --json "$OUT/d64_async$a.json"
 done
 fi
-if [ "$PART" = verify ]; then  # the engine GPU tests (async decode among them), then 1,000 adapters launched one ahead
+if [ "$PART" = verify ]; then  # the engine GPU tests (async decode among them), sampled decode with and without
+    # steps launched ahead, then 1,000 adapters (async decode is the CUDA default)
 step 150 python -m pytest -q -m gpu tests/test_engine_gpu.py -p no:cacheprovider
-step 240 env LORAMUX_ASYNC_DECODE=1 python -m $B.bench_many_adapters --shape llama3-8b --adapters 1000 \
+for a in 0 1; do
+    step 60 env LORAMUX_ASYNC_DECODE=$a python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 0,32 \
+        --temperature 0.8 --top-p 0.9 --skip-hf --json "$OUT/d_sampled_async$a.json"
+done
+step 220 python -m $B.bench_many_adapters --shape llama3-8b --adapters 1000 \
     --ranks 8,16,32,64 --zipf 1.0 --max-loras 64 --max-cpu-loras 256 --max-cpu-lora-bytes 24000000000 --load 0.9 \
     --duration 20 --saturation-seconds 10 --mixed-graphs on --json "$OUT/many_async.json"
 fi

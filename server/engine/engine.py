@@ -39,8 +39,11 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self.last_step = StepStats()
         self._rng = random.Random()
-        # Decode steps launched one ahead (LORAMUX_ASYNC_DECODE=1, experimental): see _launch_next.
-        self.async_decode = os.environ.get("LORAMUX_ASYNC_DECODE", "0") == "1" and \
+        # Decode steps launched one ahead (_launch_next): LORAMUX_ASYNC_DECODE=auto (on for a CUDA runner, where the
+        # device would otherwise idle during the host's bookkeeping), 1 (also on CPU, for tests) or 0.
+        mode = os.environ.get("LORAMUX_ASYNC_DECODE", "auto")
+        on_cuda = getattr(getattr(runner, "device", None), "type", None) == "cuda"
+        self.async_decode = (mode == "1" or (mode == "auto" and on_cuda)) and \
             getattr(runner, "parallel", None) is None and hasattr(runner, "launch")
         self._ahead: tuple[ScheduledBatch, object] | None = None  # launched, tokens not yet read
         self.steps_launched_ahead = 0

@@ -90,10 +90,26 @@ class Sampler:
 
     @staticmethod
     def plain_greedy(p: SamplingParams) -> bool:
-        """Whether a row takes the fast path of __call__: argmax, no penalty, no logprobs (so its token can be
-        picked on the device and fed to the next step before the host reads it)."""
-        return (p.temperature < _EPS or p.top_k == 1) and p.logprobs is None and p.repetition_penalty == 1.0 \
-            and p.frequency_penalty == 0.0 and p.presence_penalty == 0.0
+        """Whether a row takes the fast path of __call__: argmax, no penalty, no logprobs."""
+        return (p.temperature < _EPS or p.top_k == 1) and Sampler.host_free(p)
+
+    @staticmethod
+    def host_free(p: SamplingParams) -> bool:
+        """Whether a row's token needs nothing from the host but its params, seed and position (no penalty, no
+        logprobs): device_tokens can pick it, and a next step can be fed from it before the host reads it."""
+        return p.logprobs is None and p.repetition_penalty == 1.0 and p.frequency_penalty == 0.0 \
+            and p.presence_penalty == 0.0
+
+    def device_tokens(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+        """Tokens [B] int64 left on the device, no host sync (per-row settings travel in a pinned, non-blocking
+        copy); rows must all be host_free. The same tokens as __call__ for the same rows."""
+        if logits.shape[1] > self.vocab_size:
+            logits = logits[:, :self.vocab_size]
+        if self._cache:
+            self._cache = {}
+        if all(self.plain_greedy(r.params) for r in rows):
+            return logits.argmax(-1)
+        return self._pick(logits.float(), rows, [r.params for r in rows], pinned=logits.is_cuda)
 
     def __call__(self, logits: torch.Tensor, rows: list[SampleRow]) -> SampleResult:
         if logits.shape[0] != len(rows):
@@ -105,32 +121,36 @@ class Sampler:
             if self._cache:  # no penalty rows: nothing to keep
                 self._cache = {}
             return SampleResult(logits.argmax(-1).tolist(), [None] * len(rows))
-        rand = [i for i, p in enumerate(params) if p.temperature >= _EPS and p.top_k != 1]
         pen = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0
                or p.presence_penalty != 0.0]
         lp_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
         if not pen and self._cache:
             self._cache = {}
-
-        dev, vocab = logits.device, logits.shape[1]
         x = self._penalize(logits.float(), rows, pen) if pen else logits.float()
-        if rand:
-            # One copy: row index, temperature, top_p, min_p, top_k, noise keys (all exact in float64).
-            meta = torch.tensor([(i, params[i].temperature, params[i].top_p, params[i].min_p,
-                                  params[i].top_k if 0 < params[i].top_k < vocab else 0,
-                                  *row_keys(rows[i].seed, rows[i].output_index)) for i in rand],
-                                dtype=torch.float64).to(dev)
-            if len(rand) == len(rows):
-                tokens = self._sample(x, [params[i] for i in rand], meta)
-            else:
-                idx = meta[:, 0].long()
-                tokens = x.argmax(-1)
-                tokens[idx] = self._sample(x[idx], [params[i] for i in rand], meta)
-        else:
-            tokens = x.argmax(-1)
+        tokens = self._pick(x, rows, params)
         if not lp_rows:
             return SampleResult(tokens.tolist(), [None] * len(rows))
         return self._with_logprobs(logits, tokens, params, lp_rows)
+
+    def _pick(self, x: torch.Tensor, rows: list[SampleRow], params: list[SamplingParams],
+              pinned: bool = False) -> torch.Tensor:
+        """Tokens [B] on the device from (penalized) fp32 logits: argmax for greedy rows, _sample for the rest."""
+        rand = [i for i, p in enumerate(params) if p.temperature >= _EPS and p.top_k != 1]
+        if not rand:
+            return x.argmax(-1)
+        vocab = x.shape[1]
+        # One copy: row index, temperature, top_p, min_p, top_k, noise keys (all exact in float64). From pageable
+        # memory it waits for the queued forward; a pinned non-blocking copy does not.
+        meta = torch.tensor([(i, params[i].temperature, params[i].top_p, params[i].min_p,
+                              params[i].top_k if 0 < params[i].top_k < vocab else 0,
+                              *row_keys(rows[i].seed, rows[i].output_index)) for i in rand], dtype=torch.float64)
+        meta = meta.pin_memory().to(x.device, non_blocking=True) if pinned else meta.to(x.device)
+        if len(rand) == len(rows):
+            return self._sample(x, [params[i] for i in rand], meta)
+        idx = meta[:, 0].long()
+        tokens = x.argmax(-1)
+        tokens[idx] = self._sample(x[idx], [params[i] for i in rand], meta)
+        return tokens
 
     def _penalize(self, x: torch.Tensor, rows: list[SampleRow], idx: list[int]) -> torch.Tensor:
         """vLLM order: repetition penalty (prompt + output tokens), then frequency and presence (output).

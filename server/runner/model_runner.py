@@ -30,7 +30,7 @@ class Launched:
     rows: list[SampleRow]
     t0: float
     feeds_next: bool  # a decode step may take its input ids from tokens_dev (not a mixed-step graph)
-    tokens_dev: torch.Tensor | None = None  # [rows] int64 greedy tokens on the device
+    tokens_dev: torch.Tensor | None = None  # [rows] int64 tokens picked on the device (Sampler.device_tokens)
     tokens_host: torch.Tensor | None = None  # pinned copy of tokens_dev (CUDA)
     event: object = None  # recorded behind that copy
 
@@ -170,10 +170,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def launch(self, batch: ScheduledBatch, device_tokens: bool = False, ids_from: "Launched | None" = None):
-        """Queue a step's forward (no sync) -> Launched, for finish(). device_tokens: when every sampled row is
-        plain greedy, pick the tokens on the device and start their copy to the host (Launched.tokens_dev), so a
-        next decode step can be launched from them before the host reads them. ids_from: a decode step's input ids
-        are the tokens of that earlier launch (same requests, same order), not the host's placeholders."""
+        """Queue a step's forward (no sync) -> Launched, for finish(). device_tokens: when no sampled row needs
+        host data (Sampler.host_free: no penalty, no logprobs), pick the tokens on the device and start their copy
+        to the host (Launched.tokens_dev), so a next decode step can be launched from them before the host reads
+        them. ids_from: a decode step's input ids are the tokens of that earlier launch (same requests, same
+        order), not the host's placeholders."""
         host, sample_idx = self._host_and_broadcast(batch, False)
         n = len(batch.requests)
         # A decode step (one token per sequence) that fits a bucket replays a graph: its inputs go straight into the
@@ -206,8 +207,8 @@ class ModelRunner:
             rows.append(SampleRow(req.params, req.seed, len(req.output_token_ids), req.prompt_token_ids,
                                   req.output_token_ids))
         out = Launched([batch.requests[i].request_id for i in sample_idx], logits, rows, t0, mixed is None)
-        if device_tokens and rows and all(Sampler.plain_greedy(r.params) for r in rows):
-            out.tokens_dev = logits[:, :self.sampler.vocab_size].argmax(-1)
+        if device_tokens and rows and all(Sampler.host_free(r.params) for r in rows):
+            out.tokens_dev = self.sampler.device_tokens(logits, rows)
             if self.device.type == "cuda":  # the host copy starts now; finish() waits for its event only
                 self._tok_ring = (self._tok_ring + 1) % 2
                 buf = self._tok_bufs[self._tok_ring]
