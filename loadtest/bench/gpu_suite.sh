@@ -59,14 +59,15 @@ done
 fi
 if [ "$PART" = verify ]; then  # the engine GPU tests (async decode among them), sampled decode with and without
     # steps launched ahead, then 1,000 adapters (async decode is the CUDA default)
-step 150 python -m pytest -q -m gpu tests/test_engine_gpu.py -p no:cacheprovider
+step 130 python -m pytest -q -m gpu tests/test_engine_gpu.py -p no:cacheprovider
 for a in 0 1; do
-    step 60 env LORAMUX_ASYNC_DECODE=$a python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 0,32 \
+    step 55 env LORAMUX_ASYNC_DECODE=$a python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 0,32 \
         --temperature 0.8 --top-p 0.9 --skip-hf --json "$OUT/d_sampled_async$a.json"
 done
-step 220 python -m $B.bench_many_adapters --shape llama3-8b --adapters 1000 \
+step 200 python -m $B.bench_many_adapters --shape llama3-8b --adapters 1000 \
     --ranks 8,16,32,64 --zipf 1.0 --max-loras 64 --max-cpu-loras 256 --max-cpu-lora-bytes 24000000000 --load 0.9 \
     --duration 20 --saturation-seconds 10 --mixed-graphs on --json "$OUT/many_async.json"
+step 90 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 0,1 --skip-hf --profile
 fi
 if [ "$PART" = profile ]; then  # where a decode step's LoRA time goes (D = 0 vs 1, kernel table), per-path layer cost
 step 120 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 0,1 --skip-hf --profile
