@@ -119,3 +119,30 @@ def test_mode_default_follows_the_device(monkeypatch, mode, device, parallel, wa
     runner = Runner()
     runner.device, runner.parallel = torch.device(device), parallel
     assert Engine(runner, SchedulerConfig(), 8, 4, []).async_decode is want
+
+
+def test_runs_ahead_while_requests_wait_for_a_seat(model_dir, monkeypatch):
+    """With every seat taken (max_num_seqs running), waiting requests cannot join the next step, so it still runs
+    ahead; each waiting request starts once a seat frees (a step late at most), and the tokens equal sync's."""
+    jobs = [(f"q{i}", [(7 * i + 3 * j) % 150 + 4 for j in range(3 + i)],
+             SamplingParams(max_tokens=5 + 3 * (i % 4), temperature=0.0, ignore_eos=True)) for i in range(12)]
+
+    def go(mode):
+        monkeypatch.setenv("LORAMUX_ASYNC_DECODE", mode)
+        engine = make_engine(model_dir, num_blocks=96, max_seqs=3, kernel_backend="torch")
+        waited_ahead = 0
+        for rid, prompt, params in jobs:
+            engine.add_request(rid, prompt, params)
+        tokens = {rid: [] for rid, _, _ in jobs}
+        while engine.has_work():
+            before = engine.steps_launched_ahead
+            waiting = bool(engine.scheduler.waiting)
+            for o in engine.step():
+                tokens[o.request_id].extend(o.new_token_ids)
+            waited_ahead += waiting and engine.steps_launched_ahead > before
+        assert engine.blocks.num_free == engine.blocks.num_blocks
+        return tokens, waited_ahead
+    sync, _ = go("0")
+    tokens, waited_ahead = go("1")
+    assert tokens == sync
+    assert waited_ahead > 5, waited_ahead

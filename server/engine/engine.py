@@ -101,11 +101,13 @@ class Engine:
     def _launch_next(self, batch: ScheduledBatch, launched) -> tuple[ScheduledBatch, object] | None:
         """Launch the next decode step before reading this one's tokens, so the device never waits for the host's
         bookkeeping: its input ids come from this step's device-side tokens. Only when that step is exactly what
-        schedule() would make: every running request decoding, in order, nobody waiting for admission, none
+        schedule() would make: every running request decoding, in order, no free seat for a waiting request, none
         finishing by length now, and blocks for all. This step's bookkeeping is applied first with a placeholder
         token that _update fills in; a request that stops on a token now has its next-step row discarded."""
         sch, reqs = self.scheduler, batch.requests
-        if launched.tokens_dev is None or not launched.feeds_next or sch.waiting or \
+        # Waiting requests could join only if a seat is free; a seat freed by a stop token at N is filled a step late.
+        admit = sch.waiting and len(sch.running) < self.config.max_num_seqs
+        if launched.tokens_dev is None or not launched.feeds_next or admit or \
                 len(reqs) != len(sch.running) or any(a is not b for a, b in zip(reqs, sch.running)) or \
                 any(n != 1 for n in batch.num_new_tokens) or \
                 sum(self.blocks.extra_blocks_needed(r, 2) for r in reqs) > self.blocks.num_free:
