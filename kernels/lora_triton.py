@@ -93,7 +93,8 @@ def _expand_kernel(buf_ptr, b_ptr, y_ptr, ranks_ptr, scales_ptr, sorted_ptr, seg
 # Decode launch shape (T <= 256). The session-7 H100 profile showed decode shrinks at ~8-10 us and expands at
 # ~10-12 us each, far above launch latency: each program walks K_ITERS (shrink) or N_ITERS (expand) dependent
 # memory round trips. These knobs trade fewer round trips per program for more split-K partials / programs;
-# the defaults are the session-3 kernel-sweep choices until the engine-level A/B is measured.
+# measured in the engine (session 8, docs/performance.md): 32 splits of 128 and one tile per expand program were
+# no faster at D = 1 and 6-8% slower at D = 32, so the session-3 sweep's defaults stay.
 DECODE_K_PER_SPLIT = int(os.environ.get("LORAMUX_LORA_DECODE_K_PER_SPLIT", "512"))  # K columns per shrink split
 MAX_SPLITS = int(os.environ.get("LORAMUX_LORA_MAX_SPLITS", "16"))
 DECODE_N_ITERS = int(os.environ.get("LORAMUX_LORA_DECODE_N_ITERS", "2"))  # column tiles per expand program
