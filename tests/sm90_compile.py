@@ -148,6 +148,9 @@ def small_op_calls(quick: bool):
             qkv, kc = torch.empty(32, (nh + 2 * nkv) * d, dtype=dtype), torch.empty(64, 16, nkv, d, dtype=dtype)
             pos, cos = torch.zeros(32, dtype=torch.int64), torch.empty(8192, d)
             yield f"rope_kv {name} {dtype}", lambda: rk.rope_write_kv(qkv, pos, cos, cos, kc, kc, pos, nh, nkv, d)
+    from loramux.kernels.sampling_triton import gumbel_argmax
+    logits, meta = torch.empty(32, 128256), torch.zeros(32, 7, dtype=torch.float64)
+    yield "gumbel_argmax fp32", lambda: gumbel_argmax(logits, meta, torch.zeros(32))
 
 
 def main(quick: bool, shard: int = 0, shards: int = 1) -> dict:

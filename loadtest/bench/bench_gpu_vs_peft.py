@@ -104,13 +104,17 @@ def profile_decode(engine, args, adapters, n_adapters: int) -> None:
         engine.add_request(f"p{i}", [2] * args.prompt_len, params, adapters[i % n_adapters].adapter_id
                            if n_adapters else None)
     engine.step()  # prefill outside the profile
+    runner, launches = engine.runner, []
+    launch = runner.launch  # counted: with steps launched ahead, 5 step() calls queue 6 forwards
+    runner.launch = lambda *a, **k: launches.append(1) or launch(*a, **k)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
             engine.step()
+    del runner.launch
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
     from loramux.loadtest.bench.kernel_categories import summarize
 
-    print(summarize(prof, 5, f"decode, batch {args.batch}, D={n_adapters}"))
+    print(summarize(prof, len(launches), f"decode, batch {args.batch}, D={n_adapters}, {len(launches)} steps"))
     while engine.has_work():
         engine.step()
 

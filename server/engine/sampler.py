@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 from array import array
 from dataclasses import dataclass
 
@@ -83,8 +84,11 @@ class Sampler:
     torch.tensor(list, device="cuda") is a blocking copy that waits for the queued forward pass.
     """
 
-    def __init__(self, vocab_size: int) -> None:
+    def __init__(self, vocab_size: int, fused: str | None = None) -> None:
         self.vocab_size = vocab_size  # logits columns beyond this (padded lm_head) are never sampled
+        # Rows with temperature / min-p only: one fused Triton pass (kernels/sampling_triton.py). "auto" = on
+        # CUDA, "1" = also on CPU (TRITON_INTERPRET=1 tests), "0" = torch only.
+        self.fused = (fused or os.environ.get("LORAMUX_FUSED_SAMPLING", "0")).strip().lower()
         self._arange: dict[torch.device, torch.Tensor] = {}
         self._cache: dict[int, tuple[list[int], int, torch.Tensor]] = {}  # id(list) -> (list, len, CPU ids)
 
@@ -209,10 +213,16 @@ class Sampler:
     def _sample(self, x: torch.Tensor, params: list[SamplingParams], meta: torch.Tensor) -> torch.Tensor:
         """Temperature, top-k, top-p, min-p, then Gumbel-max with per-(seed, position) noise."""
         vocab = x.shape[1]
-        x = x / meta[:, 1:2].float()
         ks = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
         kmax = max(ks)
         use_p = any(p.top_p < 1.0 for p in params)
+        if not kmax and not use_p and (self.fused == "1" or (self.fused == "auto" and x.is_cuda)):
+            from loramux.kernels.sampling_triton import gumbel_argmax
+            thr = torch.full((x.shape[0],), -math.inf, device=x.device)
+            if any(p.min_p > 0.0 for p in params):  # max(x) / t == max(x / t): rounding is monotonic
+                thr = self._min_p_threshold(x.amax(-1, keepdim=True) / meta[:, 1:2].float(), meta).squeeze(1)
+            return gumbel_argmax(x.contiguous(), meta, thr)
+        x = x / meta[:, 1:2].float()
         ids = None
         if kmax and all(ks):  # every row has top-k: only the kmax best candidates can be chosen
             vals, ids = x.topk(kmax, dim=-1)
@@ -233,15 +243,19 @@ class Sampler:
             pthr = vals.gather(1, keep.sum(-1, keepdim=True).clamp_(min=1) - 1)
             thr = pthr if thr is None else torch.maximum(thr, pthr)
         if any(p.min_p > 0.0 for p in params):  # p >= min_p * p_max  <=>  logit >= max_logit + log(min_p)
-            mins = meta[:, 3:4].float()
-            top = vals[:, :1] if srt else x.amax(-1, keepdim=True)
-            mthr = torch.where(mins > 0, top + mins.clamp(min=1e-30).log(), -math.inf)
+            mthr = self._min_p_threshold(vals[:, :1] if srt else x.amax(-1, keepdim=True), meta)
             thr = mthr if thr is None else torch.maximum(thr, mthr)
         if thr is not None:
             vals = vals.masked_fill(vals < thr, -math.inf)
         noise = gumbel_noise(ids if srt else self._arange_on(vocab, x.device), meta[:, 5:7].long())
         choice = (vals + noise).argmax(-1)
         return ids.gather(1, choice.unsqueeze(1)).squeeze(1) if srt else choice
+
+    @staticmethod
+    def _min_p_threshold(top: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+        """[B, 1] lowest kept logit after temperature: p >= min_p * p_max  <=>  x >= max(x) + log(min_p)."""
+        mins = meta[:, 3:4].float()
+        return torch.where(mins > 0, top + mins.clamp(min=1e-30).log(), -math.inf)
 
     def _arange_on(self, vocab: int, dev: torch.device) -> torch.Tensor:
         a = self._arange.get(dev)
