@@ -86,9 +86,9 @@ class Sampler:
 
     def __init__(self, vocab_size: int, fused: str | None = None) -> None:
         self.vocab_size = vocab_size  # logits columns beyond this (padded lm_head) are never sampled
-        # Rows with temperature / min-p only: one fused Triton pass (kernels/sampling_triton.py). "auto" = on
-        # CUDA, "1" = also on CPU (TRITON_INTERPRET=1 tests), "0" = torch only.
-        self.fused = (fused or os.environ.get("LORAMUX_FUSED_SAMPLING", "0")).strip().lower()
+        # Rows with temperature / min-p only: one fused Triton pass (kernels/sampling_triton.py). "auto" (default)
+        # = on CUDA, "1" = also on CPU (TRITON_INTERPRET=1 tests), "0" = torch only.
+        self.fused = (fused or os.environ.get("LORAMUX_FUSED_SAMPLING", "auto")).strip().lower()
         self._arange: dict[torch.device, torch.Tensor] = {}
         self._cache: dict[int, tuple[list[int], int, torch.Tensor]] = {}  # id(list) -> (list, len, CPU ids)
 
