@@ -26,6 +26,19 @@ def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
+def env_mode(name: str, default: str = "auto") -> str:
+    """An on/off/auto switch from the environment -> "on" | "off" | "auto" (1/true/yes/on, 0/false/no/off, auto);
+    anything else is a ValueError naming the variable, so a typo fails at start-up instead of passing silently."""
+    raw = os.environ.get(name, default).strip().lower() or default
+    if raw in _TRUE:
+        return "on"
+    if raw in ("0", "false", "no", "off"):
+        return "off"
+    if raw == "auto":
+        return raw
+    raise ValueError(f"{name}={raw!r}; expected 1/on, 0/off or auto")
+
+
 def interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUE
 

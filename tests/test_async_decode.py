@@ -146,3 +146,20 @@ def test_runs_ahead_while_requests_wait_for_a_seat(model_dir, monkeypatch):
     tokens, waited_ahead = go("1")
     assert tokens == sync
     assert waited_ahead > 5, waited_ahead
+
+
+@pytest.mark.parametrize("value,want", [("on", True), ("yes", True), ("off", False), ("false", False), ("auto", False)])
+def test_mode_spellings_and_typos(monkeypatch, value, want):
+    """The usual on/off spellings work (a CPU runner: auto = off); a typo is a clear error at construction."""
+    import torch
+    from loramux.server.engine.engine import Engine
+    from loramux.server.engine.scheduler import SchedulerConfig
+
+    class Runner:
+        device, parallel = torch.device("cpu"), None
+        def launch(self, *a, **k): ...
+    monkeypatch.setenv("LORAMUX_ASYNC_DECODE", value)
+    assert Engine(Runner(), SchedulerConfig(), 8, 4, []).async_decode is want
+    monkeypatch.setenv("LORAMUX_ASYNC_DECODE", "ture")
+    with pytest.raises(ValueError, match="LORAMUX_ASYNC_DECODE='ture'"):
+        Engine(Runner(), SchedulerConfig(), 8, 4, [])

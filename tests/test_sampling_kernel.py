@@ -36,7 +36,7 @@ def _rows(rng: random.Random, n: int, greedy_share: float = 0.0, penalties: bool
 def test_fused_equals_torch_and_reference(vocab, batch):
     rng = random.Random(vocab + batch)
     torch.manual_seed(vocab)
-    fused, plain = Sampler(vocab, fused="1"), Sampler(vocab, fused="0")
+    fused, plain = Sampler(vocab, fused="on"), Sampler(vocab, fused="off")
     for _ in range(3):
         rows = _rows(rng, batch)
         logits = torch.randn(batch, vocab) * 3
@@ -50,7 +50,7 @@ def test_fused_with_greedy_and_penalized_rows():
     """__call__ with greedy rows (argmax, not the kernel) and penalized rows (kernel over the penalized logits)."""
     rng, vocab = random.Random(5), 90
     torch.manual_seed(5)
-    fused, plain = Sampler(vocab, fused="1"), Sampler(vocab, fused="0")
+    fused, plain = Sampler(vocab, fused="on"), Sampler(vocab, fused="off")
     for _ in range(4):
         rows = _rows(rng, 12, greedy_share=0.3, penalties=True)
         logits = torch.randn(12, vocab + 6) * 2  # padded vocabulary columns are never sampled
@@ -85,7 +85,7 @@ def test_gpu_kernel_matches_torch_at_llama3_vocab():
     """[32, 128256] logits: the fused kernel picks torch's token in (nearly) every row; a differing row can only be
     a near-tie flipped by an ulp of the GPU's fast log / divide."""
     rng, vocab = random.Random(9), 128256
-    fused, plain = Sampler(vocab, fused="1"), Sampler(vocab, fused="0")
+    fused, plain = Sampler(vocab, fused="on"), Sampler(vocab, fused="off")
     diff = total = 0
     for _ in range(20):
         rows = _rows(rng, 32)

@@ -9,7 +9,9 @@
 #   `quick` = `first` without many, ~6 min, for a call with little device time left; `refresh` = engine GPU tests,
 #   headline decode/prefill figures and the 1,000-adapter closed loop, ~5 min; `profile` = decode and prefill
 #   kernel profiles with and without an adapter and the per-path layer cost, ~6 min; `next` = the async-decode
-#   GPU test, then decode with LORAMUX_ASYNC_DECODE=1 and with the LoRA launch-shape knobs against the defaults, ~5 min)
+#   GPU test, then decode with LORAMUX_ASYNC_DECODE=1 and with the LoRA launch-shape knobs against the defaults, ~5 min;
+#   `verify` = engine GPU tests, sampled decode with and without steps launched ahead, 1,000 adapters, decode
+#   profile, ~6.5 min)
 # Run from the repository root with the package importable (pip install -e . or PYTHONPATH, see DESIGN.md §9).
 set -u
 OUT=${OUT:-out/gpu-suite}

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import logging
-import os
 import random
 import time
 from dataclasses import dataclass
+
+from loramux.kernels.backend import env_mode
 
 from .block_manager import BlockManager
 from .request import Request, RequestOutput, RequestStatus, SamplingParams, TokenLogprob
@@ -41,9 +42,9 @@ class Engine:
         self._rng = random.Random()
         # Decode steps launched one ahead (_launch_next): LORAMUX_ASYNC_DECODE=auto (on for a CUDA runner, where the
         # device would otherwise idle during the host's bookkeeping), 1 (also on CPU, for tests) or 0.
-        mode = os.environ.get("LORAMUX_ASYNC_DECODE", "auto")
+        mode = env_mode("LORAMUX_ASYNC_DECODE")
         on_cuda = getattr(getattr(runner, "device", None), "type", None) == "cuda"
-        self.async_decode = (mode == "1" or (mode == "auto" and on_cuda)) and \
+        self.async_decode = (mode == "on" or (mode == "auto" and on_cuda)) and \
             getattr(runner, "parallel", None) is None and hasattr(runner, "launch")
         self._ahead: tuple[ScheduledBatch, object] | None = None  # launched, tokens not yet read
         self.steps_launched_ahead = 0

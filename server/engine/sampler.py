@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import math
-import os
 from array import array
 from dataclasses import dataclass
 
 import torch
 
+from loramux.kernels.backend import env_mode
 from loramux.server.engine.request import SamplingParams, TokenLogprob
 
 _EPS = 1e-5  # temperatures below this are greedy (as in vLLM)
@@ -87,8 +87,8 @@ class Sampler:
     def __init__(self, vocab_size: int, fused: str | None = None) -> None:
         self.vocab_size = vocab_size  # logits columns beyond this (padded lm_head) are never sampled
         # Rows with temperature / min-p only: one fused Triton pass (kernels/sampling_triton.py). "auto" (default)
-        # = on CUDA, "1" = also on CPU (TRITON_INTERPRET=1 tests), "0" = torch only.
-        self.fused = (fused or os.environ.get("LORAMUX_FUSED_SAMPLING", "auto")).strip().lower()
+        # = on CUDA, "on" = also on CPU (TRITON_INTERPRET=1 tests), "off" = torch only.
+        self.fused = fused or env_mode("LORAMUX_FUSED_SAMPLING")
         self._arange: dict[torch.device, torch.Tensor] = {}
         self._cache: dict[int, tuple[list[int], int, torch.Tensor]] = {}  # id(list) -> (list, len, CPU ids)
 
@@ -216,7 +216,7 @@ class Sampler:
         ks = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
         kmax = max(ks)
         use_p = any(p.top_p < 1.0 for p in params)
-        if not kmax and not use_p and (self.fused == "1" or (self.fused == "auto" and x.is_cuda)):
+        if not kmax and not use_p and (self.fused == "on" or (self.fused == "auto" and x.is_cuda)):
             from loramux.kernels.sampling_triton import gumbel_argmax
             thr = torch.full((x.shape[0],), -math.inf, device=x.device)
             if any(p.min_p > 0.0 for p in params):  # max(x) / t == max(x / t): rounding is monotonic
