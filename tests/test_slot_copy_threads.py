@@ -107,3 +107,43 @@ def test_close_drains_copies_nobody_polled(world, fake_cuda):
     done = threading.Event()
     threading.Thread(target=lambda: (slots.close(), done.set()), daemon=True).start()
     assert done.wait(30), "close() hung on staged copies that were never issued"
+
+
+class _StepEvent:
+    """A step's token event that completes `after_s` seconds from now; counts host-blocking synchronize calls."""
+
+    def __init__(self, after_s: float):
+        self.at, self.syncs = time.monotonic() + after_s, 0
+
+    def query(self):
+        return time.monotonic() >= self.at
+
+    def synchronize(self):
+        self.syncs += 1
+        time.sleep(max(0.0, self.at - time.monotonic()))
+
+
+def test_waiting_for_a_step_issues_copies_as_soon_as_staged(world, fake_cuda, monkeypatch):
+    """While the engine thread waits for a step's tokens (runner.finish -> wait_for), a copy whose staging finishes
+    meanwhile is issued then, on that thread, not at the next step boundary; with nothing to issue it just blocks."""
+    cfg, loaded = world
+    ads = [ad for ad in loaded if ad.packed is not None][:2]
+    slots = _slots(cfg, 2, True)
+    slots._staging = PinnedStaging(2, pin=False)
+    real_stage, issued = slots._stage, []
+    monkeypatch.setattr(slots, "_stage", lambda packed: (time.sleep(0.05), real_stage(packed))[1])
+    real_write = slots._write_packed
+    monkeypatch.setattr(slots, "_write_packed", lambda *a: (issued.append((threading.get_ident(),
+                                                                           time.monotonic())), real_write(*a)))
+    for slot, ad in enumerate(ads):
+        slots.start_load(slot, ad)
+    assert not issued  # still staging on the copy thread
+    step = _StepEvent(0.4)
+    slots.wait_for(step)
+    assert [t for t, _ in issued] == [threading.get_ident()] * 2  # both issued during the wait, on this thread
+    assert all(at < step.at for _, at in issued), "issued only when the step had completed"
+    assert all(slots.ready(s) for s in range(2))
+    idle = _StepEvent(0.02)
+    slots.wait_for(idle)  # nothing in flight: one blocking wait, no polling
+    assert idle.syncs == 1 and idle.query()
+    slots.close()

@@ -185,6 +185,19 @@ class LoRASlots:
                 del self._inflight[slot]
         return True
 
+    def wait_for(self, event, poll_s: float = 2e-4) -> None:
+        """Block until `event` (a step's tokens) completes; while copies wait for their staging, poll instead and
+        issue each as soon as it is staged, so it runs during this step rather than after the next step boundary
+        (one step less for a cold adapter's first token)."""
+        while not event.query():
+            with self._lock:
+                waiting = any(c.issued is None for c in self._inflight.values())
+            if not waiting:
+                event.synchronize()
+                return
+            self._issue_staged()
+            time.sleep(poll_s)
+
     def in_flight(self) -> list[int]:
         with self._lock:
             return list(self._inflight)

@@ -231,7 +231,10 @@ class ModelRunner:
             return {}
         if launched.tokens_dev is not None:
             if launched.event is not None:
-                launched.event.synchronize()
+                if self.lora_slots is not None and self.lora_slots.async_copies:
+                    self.lora_slots.wait_for(launched.event)  # issues staged slot copies meanwhile
+                else:
+                    launched.event.synchronize()
                 tokens = launched.tokens_host.tolist()
             else:
                 tokens = launched.tokens_dev.tolist()
