@@ -173,7 +173,8 @@ def run(engine, svc, args, arrivals: list[float], adapters: list[str], vocab: in
                for t in ("cpu", "disk")}  # cold requests split by where their adapter was at arrival
     return {"requests": len(reqs), "wall_s": wall, "tok_s": tokens / wall, "cold_requests": len(ttft[True]),
             "cold_from_cpu": len(by_tier["cpu"]), "cold_from_disk": len(by_tier["disk"]),
-            "ttft_cold_cpu_p50_ms": pct(by_tier["cpu"], 0.5) * 1e3, "ttft_cold_disk_p50_ms": pct(by_tier["disk"], 0.5) * 1e3,
+            "ttft_cold_cpu_p50_ms": pct(by_tier["cpu"], 0.5) * 1e3,
+            "ttft_cold_disk_p50_ms": pct(by_tier["disk"], 0.5) * 1e3,
             "ttft_warm_p50_ms": pct(ttft[False], 0.5) * 1e3, "ttft_cold_p50_ms": pct(ttft[True], 0.5) * 1e3,
             "ttft_warm_p90_ms": pct(ttft[False], 0.9) * 1e3, "ttft_cold_p90_ms": pct(ttft[True], 0.9) * 1e3,
             "itl_warm_p50_ms": pct(itl_all, 0.5) * 1e3, "itl_warm_p99_ms": pct(itl_all, 0.99) * 1e3,
