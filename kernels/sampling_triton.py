@@ -1,9 +1,10 @@
-"""Fused Gumbel-max sampling for rows with temperature (and min-p) but no top-k / top-p: one pass over the logits
-computes each token's counter-based noise, scales by the temperature, masks below the min-p threshold and keeps
-the running argmax. The torch path (engine/sampler.py) needs ~25 elementwise passes over [B, V] for the same
-result (H100, [32, 128256]: 0.68 ms per torch call, 0.33 ms fused including the sampler's host-side setup).
-Same noise function bit for bit (32-bit hash of token id and the row's two keys); the choice can differ from
-torch only where two candidates (or a candidate and the min-p bound) differ by an ulp of the fast log / divide."""
+"""Fused Gumbel-max sampling: one pass over the logits computes each token's counter-based noise, scales by the
+temperature, masks tokens below the row's bound (min-p; or the top-k / top-p / min-p bound the sampler took from
+torch's topk / sort, on logits it already divided, with temperature 1 here) and keeps the running argmax. The
+torch path (engine/sampler.py) needs ~25 elementwise passes over [B, V] for the temperature-only case (H100,
+[32, 128256]: 0.68 ms per torch call, 0.33 ms fused including the sampler's host-side setup). Same noise function
+bit for bit (32-bit hash of token id and the row's two keys); the choice can differ from torch only where two
+candidates (or a candidate and the min-p bound) differ by an ulp of the fast log / divide."""
 from __future__ import annotations
 
 import torch

@@ -1,6 +1,7 @@
 """Fused Gumbel-max sampling kernel (kernels/sampling_triton.py, LORAMUX_FUSED_SAMPLING): under TRITON_INTERPRET=1
 the same tokens as the torch sampler and as the single-row reference of test_sampler, for temperature and min-p
-rows, mixed with greedy and penalized rows, over one and several chunks per row; on the GPU at Llama-3 vocab."""
+rows and rows with top-k / top-p, mixed with greedy and penalized rows, over one and several chunks per row; on
+the GPU at Llama-3 vocab."""
 from __future__ import annotations
 
 import importlib.util
@@ -20,11 +21,14 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 interp = pytest.mark.skipif(not (HAS_TRITON and INTERPRET), reason="needs TRITON_INTERPRET=1 (test_interpreter_suite)")
 
 
-def _rows(rng: random.Random, n: int, greedy_share: float = 0.0, penalties: bool = False):
+def _rows(rng: random.Random, n: int, greedy_share: float = 0.0, penalties: bool = False, cut: bool = False):
+    """cut: some rows also get top-k / top-p (thresholds from torch's sort, noise + argmax in the kernel)."""
     rows = []
     for _ in range(n):
         p = SP(temperature=0.0 if rng.random() < greedy_share else rng.choice([0.3, 0.8, 1.0, 1.7]),
                min_p=rng.choice([0.0, 0.0, 0.05, 0.3]))
+        if cut:
+            p.top_k, p.top_p = rng.choice([-1, -1, 3, 20]), rng.choice([1.0, 0.95, 0.7, 0.3])
         if penalties and rng.random() < 0.4:
             p.repetition_penalty, p.presence_penalty = 1.3, 0.5
         rows.append(_row(p, seed=rng.getrandbits(64), index=rng.randrange(200), prompt=[1, 2, 3], output=[4, 5]))
@@ -32,13 +36,14 @@ def _rows(rng: random.Random, n: int, greedy_share: float = 0.0, penalties: bool
 
 
 @interp
+@pytest.mark.parametrize("cut", [False, True])
 @pytest.mark.parametrize("vocab,batch", [(7, 3), (50, 16), (300, 5), (3000, 2)])
-def test_fused_equals_torch_and_reference(vocab, batch):
+def test_fused_equals_torch_and_reference(vocab, batch, cut):
     rng = random.Random(vocab + batch)
     torch.manual_seed(vocab)
     fused, plain = Sampler(vocab, fused="on"), Sampler(vocab, fused="off")
     for _ in range(3):
-        rows = _rows(rng, batch)
+        rows = _rows(rng, batch, cut=cut)
         logits = torch.randn(batch, vocab) * 3
         got = fused.device_tokens(logits, rows).tolist()
         assert got == plain.device_tokens(logits, rows).tolist()
@@ -51,8 +56,8 @@ def test_fused_with_greedy_and_penalized_rows():
     rng, vocab = random.Random(5), 90
     torch.manual_seed(5)
     fused, plain = Sampler(vocab, fused="on"), Sampler(vocab, fused="off")
-    for _ in range(4):
-        rows = _rows(rng, 12, greedy_share=0.3, penalties=True)
+    for i in range(4):
+        rows = _rows(rng, 12, greedy_share=0.3, penalties=True, cut=i % 2 == 1)
         logits = torch.randn(12, vocab + 6) * 2  # padded vocabulary columns are never sampled
         logits[:, vocab:] = 50.0
         got = fused(logits, rows).token_ids
@@ -87,8 +92,8 @@ def test_gpu_kernel_matches_torch_at_llama3_vocab():
     rng, vocab = random.Random(9), 128256
     fused, plain = Sampler(vocab, fused="on"), Sampler(vocab, fused="off")
     diff = total = 0
-    for _ in range(20):
-        rows = _rows(rng, 32)
+    for i in range(20):
+        rows = _rows(rng, 32, cut=i % 2 == 1)
         logits = (torch.randn(32, vocab, device="cuda") * 3).bfloat16()
         a, b = fused.device_tokens(logits, rows).tolist(), plain.device_tokens(logits, rows).tolist()
         diff += sum(x != y for x, y in zip(a, b))

@@ -73,6 +73,13 @@ def gumbel_noise(token_ids: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     return u.log_().neg_().log_().neg_()
 
 
+def _fused_argmax(x: torch.Tensor, meta: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
+    """Gumbel-max over each row's tokens with x / temperature >= thr [B, 1] in one Triton pass (imported lazily:
+    CPU installs without Triton never load it)."""
+    from loramux.kernels.sampling_triton import gumbel_argmax
+    return gumbel_argmax(x.contiguous(), meta, thr.squeeze(1))
+
+
 def _valid(ids: torch.Tensor, vocab: int) -> torch.Tensor:
     return ids[(ids >= 0) & (ids < vocab)]
 
@@ -86,8 +93,9 @@ class Sampler:
 
     def __init__(self, vocab_size: int, fused: str | None = None) -> None:
         self.vocab_size = vocab_size  # logits columns beyond this (padded lm_head) are never sampled
-        # Rows with temperature / min-p only: one fused Triton pass (kernels/sampling_triton.py). "auto" (default)
-        # = on CUDA, "on" = also on CPU (TRITON_INTERPRET=1 tests), "off" = torch only.
+        # Random rows: noise + bounds + argmax in one Triton pass (kernels/sampling_triton.py); top-k / top-p bounds
+        # still come from torch's topk / sort. "auto" (default) = on CUDA, "on" = also on CPU (TRITON_INTERPRET=1
+        # tests), "off" = torch only.
         self.fused = fused or env_mode("LORAMUX_FUSED_SAMPLING")
         self._arange: dict[torch.device, torch.Tensor] = {}
         self._cache: dict[int, tuple[list[int], int, torch.Tensor]] = {}  # id(list) -> (list, len, CPU ids)
@@ -216,12 +224,12 @@ class Sampler:
         ks = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
         kmax = max(ks)
         use_p = any(p.top_p < 1.0 for p in params)
-        if not kmax and not use_p and (self.fused == "on" or (self.fused == "auto" and x.is_cuda)):
-            from loramux.kernels.sampling_triton import gumbel_argmax
-            thr = torch.full((x.shape[0],), -math.inf, device=x.device)
+        fused = self.fused == "on" or (self.fused == "auto" and x.is_cuda)
+        if fused and not kmax and not use_p:  # the kernel divides by the temperature itself: one pass in all
+            thr = torch.full((x.shape[0], 1), -math.inf, device=x.device)
             if any(p.min_p > 0.0 for p in params):  # max(x) / t == max(x / t): rounding is monotonic
-                thr = self._min_p_threshold(x.amax(-1, keepdim=True) / meta[:, 1:2].float(), meta).squeeze(1)
-            return gumbel_argmax(x.contiguous(), meta, thr)
+                thr = self._min_p_threshold(x.amax(-1, keepdim=True) / meta[:, 1:2].float(), meta)
+            return _fused_argmax(x, meta, thr)
         x = x / meta[:, 1:2].float()
         ids = None
         if kmax and all(ks):  # every row has top-k: only the kmax best candidates can be chosen
@@ -245,6 +253,10 @@ class Sampler:
         if any(p.min_p > 0.0 for p in params):  # p >= min_p * p_max  <=>  logit >= max_logit + log(min_p)
             mthr = self._min_p_threshold(vals[:, :1] if srt else x.amax(-1, keepdim=True), meta)
             thr = mthr if thr is None else torch.maximum(thr, mthr)
+        if fused and not (kmax and all(ks)):  # thresholds from the sort / top-k above; noise + argmax fused over the
+            unit = meta.clone()  # whole row (x is already divided by the temperature: exact bounds, no 2nd divide)
+            unit[:, 1] = 1.0
+            return _fused_argmax(x, unit, thr)
         if thr is not None:
             vals = vals.masked_fill(vals < thr, -math.inf)
         noise = gumbel_noise(ids if srt else self._arange_on(vocab, x.device), meta[:, 5:7].long())
