@@ -10,8 +10,8 @@
 #   headline decode/prefill figures and the 1,000-adapter closed loop, ~5 min; `profile` = decode and prefill
 #   kernel profiles with and without an adapter and the per-path layer cost, ~6 min; `next` = the async-decode
 #   GPU test, then decode with LORAMUX_ASYNC_DECODE=1 and with the LoRA launch-shape knobs against the defaults, ~5 min;
-#   `verify` = engine GPU tests, sampled decode with and without steps launched ahead, 1,000 adapters, decode
-#   profile, ~6.5 min)
+#   `verify` = engine and sampling GPU tests, top-p decode with the torch and the fused sampler, 1,000 adapters,
+#   decode profile, ~6.5 min)
 # Run from the repository root with the package importable (pip install -e . or PYTHONPATH, see DESIGN.md §9).
 set -u
 OUT=${OUT:-out/gpu-suite}
@@ -59,12 +59,12 @@ for a in 0 1; do  # batch 64, synchronous then launched one ahead
         --max-loras 64 --skip-hf --json "$OUT/d64_async$a.json"
 done
 fi
-if [ "$PART" = verify ]; then  # the engine GPU tests (async decode among them), sampled decode with and without
-    # steps launched ahead, then 1,000 adapters (async decode is the CUDA default)
-step 130 python -m pytest -q -m gpu tests/test_engine_gpu.py -p no:cacheprovider
-for a in 0 1; do
-    step 55 env LORAMUX_ASYNC_DECODE=$a python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 0,32 \
-        --temperature 0.8 --top-p 0.9 --skip-hf --json "$OUT/d_sampled_async$a.json"
+if [ "$PART" = verify ]; then  # the engine and sampling GPU tests, top-p decode with the torch and the fused
+    # sampler, then 1,000 adapters and a decode profile (steps launched ahead and fused sampling are the CUDA defaults)
+step 130 python -m pytest -q -m gpu tests/test_engine_gpu.py tests/test_sampling_kernel.py -p no:cacheprovider
+for f in 0 auto; do
+    step 55 env LORAMUX_FUSED_SAMPLING=$f python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 0,32 \
+        --temperature 0.8 --top-p 0.9 --skip-hf --json "$OUT/d_top_p_fused_$f.json"
 done
 step 200 python -m $B.bench_many_adapters --shape llama3-8b --adapters 1000 \
     --ranks 8,16,32,64 --zipf 1.0 --max-loras 64 --max-cpu-loras 256 --max-cpu-lora-bytes 24000000000 --load 0.9 \
