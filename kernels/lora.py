@@ -210,12 +210,11 @@ def _gemm_and_shrink(x, weight, bias, a_stack, ranks, meta, overlap: bool):
     buf = tri.new_partials(x, a_stack, ranks)  # allocated (and later freed) on the current stream
     if not overlap:
         y = torch.nn.functional.linear(x, weight, bias)
-        tri.shrink_partials(x, a_stack, ranks, meta, buf)
-        return y, buf
+        return y, tri.shrink_partials(x, a_stack, ranks, meta, buf)
     main, side = torch.cuda.current_stream(x.device), _side_stream(x.device)
     side.wait_stream(main)  # x (and meta) are ready
     with torch.cuda.stream(side):
-        tri.shrink_partials(x, a_stack, ranks, meta, buf)
+        buf = tri.shrink_partials(x, a_stack, ranks, meta, buf)  # a view of buf: nothing allocated here
     y = torch.nn.functional.linear(x, weight, bias)
     main.wait_stream(side)
     return y, buf

@@ -193,25 +193,39 @@ def add_lora(y, x, a_stack, b_stack, ranks, scales, slice_offsets, meta, split_k
     if fused or (fused is None and split_k is None and _fused.use_fused(T, K, R)):
         _fused.fused_add_lora(y, x, a_stack, b_stack, ranks, scales, slice_offsets, meta)
         return
-    buf = new_partials(x, a_stack, ranks, split_k)
-    shrink_partials(x, a_stack, ranks, meta, buf, split_k)
+    buf = shrink_partials(x, a_stack, ranks, meta, new_partials(x, a_stack, ranks, split_k), split_k)
     expand(y, buf, b_stack, ranks, scales, slice_offsets, meta)
 
 
+# Experimental, off: a decode shrink's split-K partials summed by one extra launch right after it (on the side
+# stream when overlapped), so every expand program loads one [T, L*R] tile instead of P. The session-8 profile puts
+# the expands (on the critical path) at 6-12 us where the ops they fuse take 2 us; the shrinks are mostly hidden.
+REDUCE_PARTIALS = os.environ.get("LORAMUX_LORA_REDUCE_PARTIALS", "0") == "1"
+
+
 def new_partials(x, a_stack, ranks, split_k: int | None = None) -> torch.Tensor:
-    """Uninitialized fp32 [P, T, L*R] for shrink_partials (only real-rank cells get written and read). Apart
-    from it so a caller can allocate on one stream and run the shrink on another (lora.lora_linear)."""
+    """Uninitialized fp32 [P (+1 for the sum, see REDUCE_PARTIALS), T, L*R] for shrink_partials (only real-rank
+    cells get written and read). Apart from it so a caller can allocate on one stream and run the shrink on
+    another (lora.lora_linear)."""
     T, K = x.shape
     L = ranks.shape[1]
     parts = shrink_plan(T, K, L, a_stack.shape[1] // L, x.device, split_k)["parts"]
-    return torch.empty(parts, T, a_stack.shape[1], dtype=torch.float32, device=x.device)
+    extra = int(REDUCE_PARTIALS and parts > 1 and T <= 256)
+    return torch.empty(parts + extra, T, a_stack.shape[1], dtype=torch.float32, device=x.device)
 
 
-def shrink_partials(x, a_stack, ranks, meta, buf, split_k: int | None = None) -> None:
-    """add_lora's first launch into buf (from new_partials with the same split_k)."""
+def shrink_partials(x, a_stack, ranks, meta, buf, split_k: int | None = None) -> torch.Tensor:
+    """add_lora's first launch into buf (from new_partials with the same split_k) -> what the expand reads: buf,
+    or its last slice [1, T, L*R] holding the sum of the partials."""
     T, K = x.shape
     L = ranks.shape[1]
-    shrink(x, a_stack, ranks, meta, buf, shrink_plan(T, K, L, a_stack.shape[1] // L, x.device, split_k))
+    plan = shrink_plan(T, K, L, a_stack.shape[1] // L, x.device, split_k)
+    parts = plan["parts"]
+    shrink(x, a_stack, ranks, meta, buf[:parts], plan)
+    if buf.shape[0] == parts:
+        return buf
+    torch.sum(buf[:parts], 0, out=buf[parts])  # cells never written sum garbage that no expand reads
+    return buf[parts:]
 
 
 from . import lora_fused_triton as _fused  # noqa: E402  (at the end: it imports this module's jit helpers)

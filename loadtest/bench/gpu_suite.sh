@@ -11,7 +11,8 @@
 #   kernel profiles with and without an adapter and the per-path layer cost, ~6 min; `next` = the async-decode
 #   GPU test, then decode with LORAMUX_ASYNC_DECODE=1 and with the LoRA launch-shape knobs against the defaults, ~5 min;
 #   `verify` = engine and sampling GPU tests, top-p decode with the torch and the fused sampler, 1,000 adapters,
-#   decode profile, ~6.5 min)
+#   decode profile, ~6.5 min; `partials` = LoRA GPU tests with LORAMUX_LORA_REDUCE_PARTIALS=1, decode with the
+#   partials summed / with fewer splits against the defaults, ~6 min)
 # Run from the repository root with the package importable (pip install -e . or PYTHONPATH, see DESIGN.md §9).
 set -u
 OUT=${OUT:-out/gpu-suite}
@@ -70,6 +71,18 @@ step 200 python -m $B.bench_many_adapters --shape llama3-8b --adapters 1000 \
     --ranks 8,16,32,64 --zipf 1.0 --max-loras 64 --max-cpu-loras 256 --max-cpu-lora-bytes 24000000000 --load 0.9 \
     --duration 20 --saturation-seconds 10 --mixed-graphs on --json "$OUT/many_async.json"
 step 90 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 0,1 --skip-hf --profile
+fi
+if [ "$PART" = partials ]; then  # does the expand's split-K partial reduction cost the decode LoRA time? (session 8)
+    # the LoRA GPU tests with the partials summed beside the shrink, then decode: defaults, summed, fewer splits
+step 150 env LORAMUX_LORA_REDUCE_PARTIALS=1 python -m pytest -q -m gpu tests/test_lora_paths_gpu.py \
+    tests/test_lora_kernels_gpu.py tests/test_engine_gpu.py -k "not fused_ranks and not mixed" -p no:cacheprovider
+step 60 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 0,1,32 --skip-hf --json "$OUT/p_base.json"
+step 50 env LORAMUX_LORA_REDUCE_PARTIALS=1 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 1,32 \
+    --skip-hf --json "$OUT/p_reduce.json"
+step 50 env LORAMUX_LORA_DECODE_K_PER_SPLIT=4096 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 \
+    --adapters 1,32 --skip-hf --json "$OUT/p_fewer_splits.json"
+step 50 env LORAMUX_LORA_REDUCE_PARTIALS=1 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 64 --adapters 0,64 \
+    --max-loras 64 --skip-hf --json "$OUT/p_reduce_b64.json"
 fi
 if [ "$PART" = profile ]; then  # where a decode step's LoRA time goes (D = 0 vs 1, kernel table), per-path layer cost
 step 120 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 0,1 --skip-hf --profile
