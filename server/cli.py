@@ -140,6 +140,19 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         drain_timeout=args.drain_timeout)
 
 
+def _check_switches() -> None:
+    """The on/off/auto environment switches read deep in the engine, checked before the model loads: a typo is a
+    one-line error and exit 2, not a traceback minutes later."""
+    from loramux.kernels.backend import env_mode
+    from loramux.server.models.model_config import ModelLoadError
+
+    for name in ("LORAMUX_ASYNC_DECODE", "LORAMUX_FUSED_SAMPLING"):
+        try:
+            env_mode(name)
+        except ValueError as exc:
+            raise ModelLoadError(str(exc)) from exc
+
+
 def serve(config: ServerConfig) -> int:
     """Run until SIGTERM/SIGINT, then drain (docs/operations.md); 0 after a clean shutdown, 2 on a bad setup."""
     from loramux.server.api.app import create_app
@@ -155,6 +168,7 @@ def serve(config: ServerConfig) -> int:
     group = None
     try:
         try:
+            _check_switches()
             keys = KeyStore.from_file(config.api_keys) if config.api_keys is not None else None
             if config.tensor_parallel_size < 1:
                 raise ModelLoadError("--tensor-parallel-size must be at least 1")

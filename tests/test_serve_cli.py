@@ -82,3 +82,13 @@ def test_lora_path_switches_default_on(monkeypatch, env, want):
     else:
         monkeypatch.setenv("LORAMUX_TEST_SWITCH", env)
     assert _switch("LORAMUX_TEST_SWITCH") is want
+
+
+def test_switch_typo_is_a_clear_startup_error(tmp_path):
+    """A mistyped on/off/auto switch stops `loramux serve` before the model loads: exit 2, one line naming it."""
+    env = dict(os.environ, LORAMUX_FUSED_SAMPLING="ture", HOME=str(tmp_path))
+    p = subprocess.run([sys.executable, "-m", "loramux.server.cli", "serve", "--port", str(free_port())], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "LORAMUX_FUSED_SAMPLING='ture'; expected 1/on, 0/off or auto" in p.stderr
+    assert "Traceback" not in p.stderr
