@@ -18,7 +18,7 @@ BLOCK = 1024
 
 @triton.jit
 def _mix32(x):
-    # x uint32 -> the same 32-bit mixer as sampler._mix32 (products wrap mod 2**32, as its `& 0xFFFFFFFF`)
+    # x uint32 -> the same 32-bit mixer as engine.noise._mix32 (products wrap mod 2**32, as its `& 0xFFFFFFFF`)
     x ^= x >> 16
     x *= 0x7FEB352D
     x ^= x >> 15

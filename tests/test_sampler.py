@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from loramux.server.engine.request import SamplingParams as SP
-from loramux.server.engine.sampler import SampleRow, Sampler, gumbel_noise, row_keys
+from loramux.server.engine.noise import gumbel_noise, row_keys
+from loramux.server.engine.sampler import SampleRow, Sampler
 
 
 def _row(params: SP, seed: int = 0, index: int = 0, prompt=(), output=()) -> SampleRow:
