@@ -144,9 +144,11 @@ def _check_switches() -> None:
     """The on/off/auto environment switches read deep in the engine, checked before the model loads: a typo is a
     one-line error and exit 2, not a traceback minutes later."""
     from loramux.kernels.backend import env_mode
+    from loramux.server.engine.engine import ASYNC_DECODE_ENV
+    from loramux.server.engine.sampler import FUSED_SAMPLING_ENV
     from loramux.server.models.model_config import ModelLoadError
 
-    for name in ("LORAMUX_ASYNC_DECODE", "LORAMUX_FUSED_SAMPLING"):
+    for name in (ASYNC_DECODE_ENV, FUSED_SAMPLING_ENV):
         try:
             env_mode(name)
         except ValueError as exc:

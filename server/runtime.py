@@ -190,10 +190,9 @@ class Runtime:
                  self.engine.runner.kernel_backend,
                  *("on" if f else "off" for f in (lora_ops.OVERLAP, lora_ops.FUSED_MLP, lora_ops.FUSED_QKV)))
         sampler = getattr(self.engine.runner, "sampler", None)
-        fused = getattr(sampler, "fused", "off")
-        log.info("decode steps launched ahead: %s (env LORAMUX_ASYNC_DECODE); fused temperature sampling: %s "
-                 "(env LORAMUX_FUSED_SAMPLING)", "on" if self.engine.async_decode else "off",
-                 "on" if fused == "on" or (fused == "auto" and self.device.type == "cuda") else "off")
+        fused = sampler is not None and sampler.fused_on(self.device.type == "cuda")
+        log.info("decode steps launched ahead: %s (env LORAMUX_ASYNC_DECODE); fused sampling: %s "
+                 "(env LORAMUX_FUSED_SAMPLING)", *("on" if f else "off" for f in (self.engine.async_decode, fused)))
         self._register_startup_adapters(config)
         if self.device.type == "cuda" and not config.enforce_eager and parallel is None:
             self.engine.runner.enable_cuda_graphs(config.max_num_seqs,

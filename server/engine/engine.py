@@ -13,6 +13,7 @@ from .request import Request, RequestOutput, RequestStatus, SamplingParams, Toke
 from .scheduler import AdapterGate, ScheduledBatch, Scheduler, SchedulerConfig
 
 log = logging.getLogger("loramux.engine")
+ASYNC_DECODE_ENV = "LORAMUX_ASYNC_DECODE"
 
 
 class RequestError(ValueError):
@@ -42,7 +43,7 @@ class Engine:
         self._rng = random.Random()
         # Decode steps launched one ahead (_launch_next): LORAMUX_ASYNC_DECODE=auto (on for a CUDA runner, where the
         # device would otherwise idle during the host's bookkeeping), 1 (also on CPU, for tests) or 0.
-        mode = env_mode("LORAMUX_ASYNC_DECODE")
+        mode = env_mode(ASYNC_DECODE_ENV)
         on_cuda = getattr(getattr(runner, "device", None), "type", None) == "cuda"
         self.async_decode = (mode == "on" or (mode == "auto" and on_cuda)) and \
             getattr(runner, "parallel", None) is None and hasattr(runner, "launch")

@@ -12,6 +12,7 @@ from loramux.server.engine.noise import gumbel_noise, row_keys
 from loramux.server.engine.request import SamplingParams, TokenLogprob
 
 _EPS = 1e-5  # temperatures below this are greedy (as in vLLM)
+FUSED_SAMPLING_ENV = "LORAMUX_FUSED_SAMPLING"
 
 
 @dataclass(slots=True)
@@ -54,7 +55,7 @@ class Sampler:
         # Random rows: noise + bounds + argmax in one Triton pass (kernels/sampling_triton.py); top-k / top-p bounds
         # still come from torch's topk / sort. "auto" (default) = on CUDA, "on" = also on CPU (TRITON_INTERPRET=1
         # tests), "off" = torch only.
-        self.fused = fused or env_mode("LORAMUX_FUSED_SAMPLING")
+        self.fused = fused or env_mode(FUSED_SAMPLING_ENV)
         self._arange: dict[torch.device, torch.Tensor] = {}
         self._cache: dict[int, tuple[list[int], int, torch.Tensor]] = {}  # id(list) -> (list, len, CPU ids)
 
@@ -67,8 +68,15 @@ class Sampler:
     def host_free(p: SamplingParams) -> bool:
         """Whether a row's token needs nothing from the host but its params, seed and position (no penalty, no
         logprobs): device_tokens can pick it, and a next step can be fed from it before the host reads it."""
-        return p.logprobs is None and p.repetition_penalty == 1.0 and p.frequency_penalty == 0.0 \
-            and p.presence_penalty == 0.0
+        return p.logprobs is None and not Sampler.penalized(p)
+
+    @staticmethod
+    def penalized(p: SamplingParams) -> bool:
+        return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+
+    def fused_on(self, cuda: bool) -> bool:
+        """Whether random rows go through the fused kernel on a CUDA (or CPU) device."""
+        return self.fused == "on" or (self.fused == "auto" and cuda)
 
     def device_tokens(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
         """Tokens [B] int64 left on the device, no host sync (per-row settings travel in a pinned, non-blocking
@@ -91,8 +99,7 @@ class Sampler:
             if self._cache:  # no penalty rows: nothing to keep
                 self._cache = {}
             return SampleResult(logits.argmax(-1).tolist(), [None] * len(rows))
-        pen = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0
-               or p.presence_penalty != 0.0]
+        pen = [i for i, p in enumerate(params) if self.penalized(p)]
         lp_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
         if not pen and self._cache:
             self._cache = {}
@@ -182,7 +189,7 @@ class Sampler:
         ks = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
         kmax = max(ks)
         use_p = any(p.top_p < 1.0 for p in params)
-        fused = self.fused == "on" or (self.fused == "auto" and x.is_cuda)
+        fused = self.fused_on(x.is_cuda)
         if fused and not kmax and not use_p:  # the kernel divides by the temperature itself: one pass in all
             thr = torch.full((x.shape[0], 1), -math.inf, device=x.device)
             if any(p.min_p > 0.0 for p in params):  # max(x) / t == max(x / t): rounding is monotonic
