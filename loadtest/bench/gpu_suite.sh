@@ -73,7 +73,9 @@ step 200 python -m $B.bench_many_adapters --shape llama3-8b --adapters 1000 \
 step 90 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 0,1 --skip-hf --profile
 fi
 if [ "$PART" = partials ]; then  # does the expand's split-K partial reduction cost the decode LoRA time? (session 8)
-    # the LoRA GPU tests with the partials summed beside the shrink, then decode: defaults, summed, fewer splits
+    # expand latency per suspect (bench_expand_latency), the LoRA GPU tests with the partials summed beside the
+    # shrink, then decode: defaults, summed, fewer splits
+step 90 python -m $B.bench_expand_latency --json "$OUT/expand_latency.json"
 step 120 env LORAMUX_LORA_REDUCE_PARTIALS=1 python -m pytest -q -m gpu tests/test_lora_paths_gpu.py \
     tests/test_lora_kernels_gpu.py -p no:cacheprovider
 step 70 env LORAMUX_LORA_REDUCE_PARTIALS=1 python -m pytest -q -m gpu tests/test_engine_gpu.py \
