@@ -19,7 +19,7 @@ import triton.language as tl
 from .backend import cdiv
 from .fused_ops_triton import _cast, _rne_bf16
 from .lora_layout import row_align
-from .lora_tiles_triton import _first_h, _lora_delta, _pick_tile
+from .lora_tiles_triton import TILES_SLOW, _first_h, _lora_delta, _pick_tile, _tile_pid, tile_grid
 from .lora_triton import DECODE_N_ITERS, _block_m, _pow2
 
 
@@ -50,10 +50,10 @@ def _expand_silu_kernel(buf_ptr, b_ptr, y_ptr, out_ptr, ranks_ptr, scales_ptr, s
                         T, I, R, S, sy_t, so_t,
                         NUM_PARTS: tl.constexpr, S_POW2: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, R_TILES: tl.constexpr,
-                        N_ITERS: tl.constexpr, EXACT: tl.constexpr, RA: tl.constexpr, RNE_BF16: tl.constexpr):
+                        N_ITERS: tl.constexpr, EXACT: tl.constexpr, RA: tl.constexpr, RNE_BF16: tl.constexpr,
+                        TILES_SLOW: tl.constexpr):
     # act[t, n] = silu(g) * u, g = y[t, n] + delta_gate, u = y[t, I + n] + delta_up (deltas of slot(t), if any)
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)  # chunk of N_ITERS * BLOCK_N columns of act
+    pid_m, pid_n = _tile_pid(0, 1, TILES_SLOW)  # pid_n: chunk of N_ITERS * BLOCK_N columns of act
     slot, row0, seg_hi = _segment_tile_all(pid_m, seg_start_ptr, S, T, S_POW2, BLOCK_M)
     if slot > S:
         return
@@ -98,11 +98,11 @@ def expand_silu(y, buf, b_stack, ranks, scales, meta, n_iters: int | None = None
         return act
     bm, bn, br = _block_m(T), 128, min(64, _pow2(R))
     n_iters = n_iters or (DECODE_N_ITERS if T <= 256 else 4)  # as the expand kernel
-    grid = (cdiv(T, bm) + min(S + 1, T), cdiv(I, bn * n_iters))
+    grid = tile_grid(cdiv(T, bm) + min(S + 1, T), cdiv(I, bn * n_iters))
     _expand_silu_kernel[grid](
         buf, b_stack, y, act, ranks, scales, meta.sorted_tokens, meta.seg_start, T, I, R, S, y.stride(0),
         act.stride(0), NUM_PARTS=buf.shape[0], S_POW2=_pow2(S + 1, 2), BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br,
         R_TILES=cdiv(R, br), N_ITERS=n_iters, EXACT=y.dtype == torch.float32, RA=row_align(R),
-        RNE_BF16=_rne_bf16(y),
+        RNE_BF16=_rne_bf16(y), TILES_SLOW=TILES_SLOW,
         num_warps=8 if bm >= 64 else 4, num_stages=2)  # 8 warps at prefill tiles: no register spills on sm_90
     return act

@@ -20,7 +20,7 @@ from .backend import cdiv, next_pow2
 from .fused_ops_triton import _cast, _rne_bf16
 from .lora_layout import row_align
 from .lora_mlp_triton import _segment_tile_all, _with_delta
-from .lora_tiles_triton import _first_h
+from .lora_tiles_triton import TILES_SLOW, _first_h, _tile_pid, tile_grid
 from .lora_triton import _block_m, _pow2
 
 
@@ -48,12 +48,13 @@ def _expand_rope_kv_kernel(buf_ptr, b_ptr, y_ptr, ranks_ptr, scales_ptr, sorted_
                            H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HALF_P: tl.constexpr,
                            BS: tl.constexpr, NUM_PARTS: tl.constexpr, S_POW2: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_R: tl.constexpr, R_TILES: tl.constexpr, EXACT: tl.constexpr, RA: tl.constexpr,
-                           RNE_BF16: tl.constexpr):
+                           RNE_BF16: tl.constexpr, TILES_SLOW: tl.constexpr):
     HALF: tl.constexpr = D // 2
-    slot, row0, seg_hi = _segment_tile_all(tl.program_id(0), seg_start_ptr, S, T, S_POW2, BLOCK_M)
+    pid_m, head = _tile_pid(0, 1, TILES_SLOW)
+    slot, row0, seg_hi = _segment_tile_all(pid_m, seg_start_ptr, S, T, S_POW2, BLOCK_M)
     if slot > S:
         return
-    head = tl.program_id(1)  # < H: q head; else k head (head - H), whose v head this program moves too
+    # head < H: q head; else k head (head - H), whose v head this program moves too
     is_q = head < H
     sl = tl.where(is_q, 0, 1)  # LoRA slice of this head: q = 0, k = 1 (v = 2 below)
     has = slot < S
@@ -120,12 +121,13 @@ def expand_rope_kv(y, buf, b_stack, ranks, scales, meta, positions, cos, sin, k_
     assert k_cache.stride(3) == 1 and v_cache.stride(3) == 1 and cos.stride(1) == 1 and sin.stride(1) == 1
     positions, slot_mapping = positions.contiguous(), slot_mapping.contiguous()
     bm, br = _block_m(T), min(64, _pow2(R))
-    grid = (cdiv(T, bm) + min(S + 1, T), num_heads + num_kv_heads)
+    grid = tile_grid(cdiv(T, bm) + min(S + 1, T), num_heads + num_kv_heads)
     _expand_rope_kv_kernel[grid](
         buf, b_stack, y, ranks, scales, meta.sorted_tokens, meta.seg_start, positions, cos, sin, slot_mapping, q,
         k_cache, v_cache, T, N, R, S, y.stride(0), cos.stride(0), sin.stride(0), q.stride(0), q.stride(1),
         *k_cache.stride()[:3], *v_cache.stride()[:3],
         H=num_heads, HKV=num_kv_heads, D=head_dim, HALF_P=max(16, next_pow2(head_dim // 2)), BS=k_cache.shape[1],
         NUM_PARTS=buf.shape[0], S_POW2=_pow2(S + 1, 2), BLOCK_M=bm, BLOCK_R=br, R_TILES=cdiv(R, br),
-        EXACT=y.dtype == torch.float32, RA=row_align(R), RNE_BF16=_rne_bf16(y), num_warps=4, num_stages=2)
+        EXACT=y.dtype == torch.float32, RA=row_align(R), RNE_BF16=_rne_bf16(y), TILES_SLOW=TILES_SLOW,
+        num_warps=4, num_stages=2)
     return q

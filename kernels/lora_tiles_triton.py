@@ -5,7 +5,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+import os
+
 from .backend import cdiv
+
+# Experimental, off: the token-tile axis of the LoRA grids goes last (slowest), so the blocks of real tiles (always
+# the lowest tile numbers) are dispatched first and the idle ones (the grid's bound covers one tile per slot: most
+# exit at once when few adapters are in the step) after them, instead of interleaved with them.
+TILES_SLOW = os.environ.get("LORAMUX_LORA_TILES_SLOW", "0") == "1"
 
 # Work decomposition shared by the kernels. Tokens are grouped by slot (meta.sorted_tokens, meta.seg_start);
 # each slot's segment is cut into BLOCK_M-row tiles and the tiles of all slots are numbered consecutively.
@@ -15,6 +22,19 @@ from .backend import cdiv
 # Layouts (inner dims contiguous): x [T, K], y [T, N] (any row stride), a [S, L*R, K], b [S, N, R] with each
 # slot-slice block compact (lora_layout.py: row stride = rank rounded up to RA), ranks int32 [S, L],
 # scales fp32 [S, L], partial sums fp32 [P, T, L*R].
+
+
+@triton.jit
+def _tile_pid(axis_fast: tl.constexpr, axis_slow: tl.constexpr, TILES_SLOW: tl.constexpr):
+    """(token-tile program id, other program id): the tile axis is axis_slow when TILES_SLOW, else axis_fast."""
+    if TILES_SLOW:
+        return tl.program_id(axis_slow), tl.program_id(axis_fast)
+    return tl.program_id(axis_fast), tl.program_id(axis_slow)
+
+
+def tile_grid(tiles: int, other: int) -> tuple[int, int]:
+    """Host side of _tile_pid(0, 1, TILES_SLOW) for a 2-D grid of (token tiles, other)."""
+    return (other, tiles) if TILES_SLOW else (tiles, other)
 
 
 @triton.jit

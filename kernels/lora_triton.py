@@ -11,7 +11,8 @@ import triton.language as tl
 
 from .backend import cdiv, interpreter_on, next_pow2
 from .lora_layout import row_align
-from .lora_tiles_triton import _first_h, _lora_delta, _segment_tile, _slice_chunk, slice_chunks
+from .lora_tiles_triton import (TILES_SLOW, _first_h, _lora_delta, _segment_tile, _slice_chunk, _tile_pid,
+                                slice_chunks, tile_grid)
 
 # Work decomposition, layouts and the expand-side tile math: lora_tiles_triton.py.
 
@@ -19,11 +20,10 @@ from .lora_tiles_triton import _first_h, _lora_delta, _segment_tile, _slice_chun
 @triton.jit
 def _shrink_kernel(x_ptr, a_ptr, out_ptr, ranks_ptr, sorted_ptr, seg_start_ptr, T, K, R, S, sx_t,
                    L: tl.constexpr, S_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
-                   BLOCK_K: tl.constexpr, K_ITERS: tl.constexpr, DOT_F32: tl.constexpr):
+                   BLOCK_K: tl.constexpr, K_ITERS: tl.constexpr, DOT_F32: tl.constexpr, TILES_SLOW: tl.constexpr):
     # out[p, t, i*R + j] = sum_{k in split p} x[t, k] * a[slot(t), i*R + j, k]   for j < rank[slot, i]
     pid_lr = tl.program_id(0)  # (slice, rank tile) fastest: programs sharing x rows run together (L2)
-    pid_m = tl.program_id(1)
-    pid_k = tl.program_id(2)
+    pid_m, pid_k = _tile_pid(1, 2, TILES_SLOW)  # grid (L*R tiles, tiles, parts), or (..., parts, tiles)
     sl = pid_lr % L
     r0 = (pid_lr // L) * BLOCK_R
     slot, row0, seg_hi = _segment_tile(pid_m, seg_start_ptr, S, S_POW2, BLOCK_M)
@@ -61,10 +61,9 @@ def _expand_kernel(buf_ptr, b_ptr, y_ptr, ranks_ptr, scales_ptr, sorted_ptr, seg
                    T, N, R, S, OFF1, OFF2, OFF3, sy_t,
                    L: tl.constexpr, NUM_PARTS: tl.constexpr, S_POW2: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, R_TILES: tl.constexpr,
-                   N_ITERS: tl.constexpr, EXACT: tl.constexpr, RA: tl.constexpr):
+                   N_ITERS: tl.constexpr, EXACT: tl.constexpr, RA: tl.constexpr, TILES_SLOW: tl.constexpr):
     # y[t, n] += scale[s, i] * sum_{j < rank[s, i]} (sum_p buf[p, t, i*R + j]) * B_si[n - lo_i, j],  n in slice i
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)  # chunk of N_ITERS * BLOCK_N columns inside one slice (slices 0..3 in order)
+    pid_m, pid_n = _tile_pid(0, 1, TILES_SLOW)  # pid_n: chunk of N_ITERS * BLOCK_N columns inside one slice
     sl, n0, n_hi, s_lo = _slice_chunk(pid_n, OFF1, OFF2, OFF3, N, BLOCK_N * N_ITERS)
     slot, row0, seg_hi = _segment_tile(pid_m, seg_start_ptr, S, S_POW2, BLOCK_M)
     if slot >= S:
@@ -156,11 +155,11 @@ def shrink(x, a_stack, ranks, meta, out, plan: dict) -> None:
     R = LR // L
     if T == 0 or R == 0:
         return
-    grid = (L * cdiv(R, plan["br"]), cdiv(T, plan["bm"]) + min(S, T), plan["parts"])
+    grid = (L * cdiv(R, plan["br"]), *tile_grid(cdiv(T, plan["bm"]) + min(S, T), plan["parts"]))
     _shrink_kernel[grid](
         x, a_stack, out, ranks, meta.sorted_tokens, meta.seg_start, T, K, R, S, x.stride(0),
         L=L, S_POW2=_pow2(S, 2), BLOCK_M=plan["bm"], BLOCK_R=plan["br"], BLOCK_K=plan["bk"],
-        K_ITERS=plan["k_iters"], DOT_F32=_dot_f32(x.dtype), num_warps=4, num_stages=3)
+        K_ITERS=plan["k_iters"], DOT_F32=_dot_f32(x.dtype), TILES_SLOW=TILES_SLOW, num_warps=4, num_stages=3)
 
 
 def expand(y, buf, b_stack, ranks, scales, slice_offsets, meta, n_iters: int | None = None) -> None:
@@ -173,12 +172,12 @@ def expand(y, buf, b_stack, ranks, scales, slice_offsets, meta, n_iters: int | N
     bm, bn, br = _block_m(T), 128, min(64, _pow2(R))
     n_iters = n_iters or (DECODE_N_ITERS if T <= 256 else 4)  # column tiles per program (H100 sweep: 2 decode)
     offs, chunks = slice_chunks(slice_offsets, bn * n_iters)  # OFF1..OFF3 (unused slices empty), chunk count
-    grid = (cdiv(T, bm) + min(S, T), chunks)
+    grid = tile_grid(cdiv(T, bm) + min(S, T), chunks)
     _expand_kernel[grid](
         buf, b_stack, y, ranks, scales, meta.sorted_tokens, meta.seg_start, T, N, R, S, *offs, y.stride(0),
         L=L, NUM_PARTS=buf.shape[0], S_POW2=_pow2(S, 2), BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br,
-        R_TILES=cdiv(R, br), N_ITERS=n_iters, EXACT=y.dtype == torch.float32, RA=row_align(R), num_warps=4,
-        num_stages=2)
+        R_TILES=cdiv(R, br), N_ITERS=n_iters, EXACT=y.dtype == torch.float32, RA=row_align(R),
+        TILES_SLOW=TILES_SLOW, num_warps=4, num_stages=2)
 
 
 def add_lora(y, x, a_stack, b_stack, ranks, scales, slice_offsets, meta, split_k: int | None = None,
