@@ -2,73 +2,13 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 
 from . import lora_reference as _ref
 from .backend import resolve
-
-
-@dataclass
-class LoRAMeta:
-    """Per-step token grouping shared by every LoRA layer. Buffers are sized for max_tokens; entries past
-    num_tokens are stale. Segment of slot s = sorted_tokens[seg_start[s]:seg_start[s+1]]."""
-
-    token_slots: torch.Tensor  # int32 [T_max]: slot per token, -1 = no adapter
-    sorted_tokens: torch.Tensor  # int32 [T_max]: token ids grouped by slot (stable), no-adapter tokens last
-    seg_start: torch.Tensor  # int32 [S+1]: segment starts; seg_start[S] = number of tokens with an adapter
-    num_slots: int  # S
-    num_tokens: int  # T of the step (host int: a captured graph is specific to T anyway)
-    _arange: torch.Tensor  # int32 [T_max] = arange(T_max)
-    _slot_ids: torch.Tensor  # int64 [S+1] = arange(S+1)
-
-    @classmethod
-    def empty(cls, max_tokens: int, num_slots: int, device) -> "LoRAMeta":
-        i32 = dict(dtype=torch.int32, device=device)
-        i64 = dict(dtype=torch.int64, device=device)
-        return cls(torch.full((max_tokens,), -1, **i32), torch.zeros(max_tokens, **i32),
-                   torch.zeros(num_slots + 1, **i32), num_slots, 0, torch.arange(max_tokens, **i32),
-                   torch.arange(num_slots + 1, **i64))
-
-    @property
-    def max_tokens(self) -> int:
-        return self.token_slots.shape[0]
-
-    @property
-    def device(self) -> torch.device:
-        return self.token_slots.device
-
-
-def build_lora_meta(token_slots: torch.Tensor, num_slots: int, out: LoRAMeta | None = None) -> LoRAMeta:
-    """token_slots: int32/int64 [T] in [-1, num_slots); -1 = no adapter. Counting sort with elementwise ops,
-    cumsum and scatter only: no host sync and no library sort (CUB sorts are not always capturable), so it can
-    run inside a CUDA graph; deterministic. With `out`, results go into its buffers (temporaries: O(T*S) ints).
-    Values outside [-1, num_slots) are not checked (that would sync)."""
-    if token_slots.dim() != 1:
-        raise ValueError("token_slots must be 1-D [T]")
-    T, S = token_slots.shape[0], num_slots
-    if out is None:
-        out = LoRAMeta.empty(T, S, token_slots.device)
-    elif out.num_slots != S or T > out.max_tokens or out.device != token_slots.device:
-        raise ValueError(f"meta buffers hold {out.max_tokens} tokens x {out.num_slots} slots on {out.device}; "
-                         f"got T={T}, num_slots={S} on {token_slots.device}")
-    out.num_tokens = T
-    if T == 0:
-        out.seg_start.zero_()
-        return out
-    ts = out.token_slots[:T]
-    ts.copy_(token_slots)
-    key = ts.long().masked_fill_(ts < 0, S)  # [T] in [0, S]; no-adapter tokens form the last group
-    hits = out._slot_ids[:, None] == key[None, :]  # [S+1, T] one-hot (bool)
-    seen = hits.cumsum(1, dtype=torch.int32)  # [S+1, T]: group's tokens so far (scan along contiguous T)
-    counts = seen[:, -1]  # [S+1]
-    torch.cumsum(counts, 0, dtype=torch.int32, out=out.seg_start)
-    out.seg_start.sub_(counts)  # exclusive: seg_start[s] = first sorted position of group s
-    pos = seen.gather(0, key[None, :])[0].add_(out.seg_start[key]).sub_(1)  # [T] stable sorted position
-    out.sorted_tokens.scatter_(0, pos.long(), out._arange[:T])
-    return out
+from .lora_meta import LoRAMeta, build_lora_meta  # noqa: F401  (re-exported: the public API)
 
 
 def resolve_backend(name: str, device: torch.device | str) -> str:

@@ -19,8 +19,9 @@ import triton.language as tl
 from .backend import cdiv
 from .fused_ops_triton import _cast, _rne_bf16
 from .lora_layout import row_align
-from .lora_tiles_triton import TILES_SLOW, _first_h, _lora_delta, _pick_tile, _tile_pid, tile_grid
-from .lora_triton import DECODE_N_ITERS, _block_m, _pow2
+from .lora_tiles_triton import (TILES_SLOW, _first_h, _lora_delta, _pick_tile, _slot_value, _table_tile, _tile_pid,
+                                tile_grid)
+from .lora_triton import DECODE_N_ITERS, _block_m, _pow2, tile_table
 
 
 @triton.jit
@@ -47,24 +48,33 @@ def _with_delta(v, h, h_rows, b_blk, nn, n_ok, rank, scale, row_ok, T, LR, NUM_P
 
 @triton.jit
 def _expand_silu_kernel(buf_ptr, b_ptr, y_ptr, out_ptr, ranks_ptr, scales_ptr, sorted_ptr, seg_start_ptr,
-                        T, I, R, S, sy_t, so_t,
+                        tslot_ptr, ttok_ptr, T, I, R, S, sy_t, so_t,
                         NUM_PARTS: tl.constexpr, S_POW2: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, R_TILES: tl.constexpr,
                         N_ITERS: tl.constexpr, EXACT: tl.constexpr, RA: tl.constexpr, RNE_BF16: tl.constexpr,
-                        TILES_SLOW: tl.constexpr):
+                        TILES_SLOW: tl.constexpr, TABLE: tl.constexpr):
     # act[t, n] = silu(g) * u, g = y[t, n] + delta_gate, u = y[t, I + n] + delta_up (deltas of slot(t), if any)
     pid_m, pid_n = _tile_pid(0, 1, TILES_SLOW)  # pid_n: chunk of N_ITERS * BLOCK_N columns of act
-    slot, row0, seg_hi = _segment_tile_all(pid_m, seg_start_ptr, S, T, S_POW2, BLOCK_M)
-    if slot > S:
-        return
-    has = slot < S  # slot S: tokens without adapter (SiLU*mul only)
-    rows = row0 + tl.arange(0, BLOCK_M)
-    row_ok = rows < seg_hi
-    tok = tl.load(sorted_ptr + rows, mask=row_ok, other=0).to(tl.int64)  # [BM]
-    rank_g = tl.load(ranks_ptr + slot * 2, mask=has, other=0)
-    rank_u = tl.load(ranks_ptr + slot * 2 + 1, mask=has, other=0)
-    scale_g = tl.load(scales_ptr + slot * 2, mask=has, other=0.0)
-    scale_u = tl.load(scales_ptr + slot * 2 + 1, mask=has, other=0.0)
+    if TABLE:  # slot, tokens, ranks and scales in one round trip (lora_meta.TILE_TABLE); slot S: no adapter
+        slot, tok, row_ok = _table_tile(pid_m, tslot_ptr, ttok_ptr, BLOCK_M)
+        rank_g = _slot_value(ranks_ptr, slot, 0, 2, S, S_POW2)
+        rank_u = _slot_value(ranks_ptr, slot, 1, 2, S, S_POW2)
+        scale_g = _slot_value(scales_ptr, slot, 0, 2, S, S_POW2)
+        scale_u = _slot_value(scales_ptr, slot, 1, 2, S, S_POW2)
+        if slot > S:
+            return
+    else:
+        slot, row0, seg_hi = _segment_tile_all(pid_m, seg_start_ptr, S, T, S_POW2, BLOCK_M)
+        if slot > S:
+            return
+        has = slot < S  # slot S: tokens without adapter (SiLU*mul only)
+        rows = row0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < seg_hi
+        tok = tl.load(sorted_ptr + rows, mask=row_ok, other=0).to(tl.int64)  # [BM]
+        rank_g = tl.load(ranks_ptr + slot * 2, mask=has, other=0)
+        rank_u = tl.load(ranks_ptr + slot * 2 + 1, mask=has, other=0)
+        scale_g = tl.load(scales_ptr + slot * 2, mask=has, other=0.0)
+        scale_u = tl.load(scales_ptr + slot * 2 + 1, mask=has, other=0.0)
     hg_rows = buf_ptr + tok[:, None] * (2 * R)  # [BM, 1]
     hu_rows = hg_rows + R
     bg_blk = b_ptr + slot.to(tl.int64) * 2 * I * R  # compact gate block; the up block starts at column I
@@ -100,9 +110,10 @@ def expand_silu(y, buf, b_stack, ranks, scales, meta, n_iters: int | None = None
     n_iters = n_iters or (DECODE_N_ITERS if T <= 256 else 4)  # as the expand kernel
     grid = tile_grid(cdiv(T, bm) + min(S + 1, T), cdiv(I, bn * n_iters))
     _expand_silu_kernel[grid](
-        buf, b_stack, y, act, ranks, scales, meta.sorted_tokens, meta.seg_start, T, I, R, S, y.stride(0),
+        buf, b_stack, y, act, ranks, scales, meta.sorted_tokens, meta.seg_start, *tile_table(meta), T, I, R, S,
+        y.stride(0),
         act.stride(0), NUM_PARTS=buf.shape[0], S_POW2=_pow2(S + 1, 2), BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br,
         R_TILES=cdiv(R, br), N_ITERS=n_iters, EXACT=y.dtype == torch.float32, RA=row_align(R),
-        RNE_BF16=_rne_bf16(y), TILES_SLOW=TILES_SLOW,
+        RNE_BF16=_rne_bf16(y), TILES_SLOW=TILES_SLOW, TABLE=meta.tile_slot is not None,
         num_warps=8 if bm >= 64 else 4, num_stages=2)  # 8 warps at prefill tiles: no register spills on sm_90
     return act

@@ -20,8 +20,8 @@ from .backend import cdiv, next_pow2
 from .fused_ops_triton import _cast, _rne_bf16
 from .lora_layout import row_align
 from .lora_mlp_triton import _segment_tile_all, _with_delta
-from .lora_tiles_triton import TILES_SLOW, _first_h, _tile_pid, tile_grid
-from .lora_triton import _block_m, _pow2
+from .lora_tiles_triton import TILES_SLOW, _first_h, _slot_value, _table_tile, _tile_pid, tile_grid
+from .lora_triton import _block_m, _pow2, tile_table
 
 
 @triton.jit
@@ -43,24 +43,35 @@ def _head(y_rows, h_rows, b_blk, col, n_rel, d, d_ok, row_ok, rank, scale, T, LR
 
 @triton.jit
 def _expand_rope_kv_kernel(buf_ptr, b_ptr, y_ptr, ranks_ptr, scales_ptr, sorted_ptr, seg_start_ptr,
-                           pos_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr, kc_ptr, vc_ptr,
+                           tslot_ptr, ttok_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr, kc_ptr, vc_ptr,
                            T, N, R, S, s_y, s_cos, s_sin, s_qt, s_qh, s_kcb, s_kct, s_kch, s_vcb, s_vct, s_vch,
                            H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HALF_P: tl.constexpr,
                            BS: tl.constexpr, NUM_PARTS: tl.constexpr, S_POW2: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_R: tl.constexpr, R_TILES: tl.constexpr, EXACT: tl.constexpr, RA: tl.constexpr,
-                           RNE_BF16: tl.constexpr, TILES_SLOW: tl.constexpr):
+                           RNE_BF16: tl.constexpr, TILES_SLOW: tl.constexpr, TABLE: tl.constexpr):
     HALF: tl.constexpr = D // 2
     pid_m, head = _tile_pid(0, 1, TILES_SLOW)
-    slot, row0, seg_hi = _segment_tile_all(pid_m, seg_start_ptr, S, T, S_POW2, BLOCK_M)
-    if slot > S:
-        return
     # head < H: q head; else k head (head - H), whose v head this program moves too
     is_q = head < H
     sl = tl.where(is_q, 0, 1)  # LoRA slice of this head: q = 0, k = 1 (v = 2 below)
-    has = slot < S
-    rows = row0 + tl.arange(0, BLOCK_M)
-    row_ok = rows < seg_hi
-    tok = tl.load(sorted_ptr + rows, mask=row_ok, other=0).to(tl.int64)  # [BM]
+    if TABLE:  # slot, tokens, ranks and scales in one round trip (lora_meta.TILE_TABLE); slot S: no adapter
+        slot, tok, row_ok = _table_tile(pid_m, tslot_ptr, ttok_ptr, BLOCK_M)
+        rank = _slot_value(ranks_ptr, slot, sl, 3, S, S_POW2)
+        scale = _slot_value(scales_ptr, slot, sl, 3, S, S_POW2)
+        rank_v = _slot_value(ranks_ptr, slot, 2, 3, S, S_POW2)
+        scale_v = _slot_value(scales_ptr, slot, 2, 3, S, S_POW2)
+        if slot > S:
+            return
+    else:
+        slot, row0, seg_hi = _segment_tile_all(pid_m, seg_start_ptr, S, T, S_POW2, BLOCK_M)
+        if slot > S:
+            return
+        has = slot < S
+        rows = row0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < seg_hi
+        tok = tl.load(sorted_ptr + rows, mask=row_ok, other=0).to(tl.int64)  # [BM]
+        rank = tl.load(ranks_ptr + slot * 3 + sl, mask=has, other=0)
+        scale = tl.load(scales_ptr + slot * 3 + sl, mask=has, other=0.0)
     d = tl.arange(0, HALF_P)
     d_ok = d < HALF
     DTYPE = y_ptr.dtype.element_ty
@@ -70,8 +81,6 @@ def _expand_rope_kv_kernel(buf_ptr, b_ptr, y_ptr, ranks_ptr, scales_ptr, sorted_
     # this head's columns: q head h at h*D (slice 0 starts at 0); k head j at (H + j)*D (slice 1 at H*D)
     col = head * D
     s_lo = tl.where(is_q, 0, H * D)
-    rank = tl.load(ranks_ptr + slot * 3 + sl, mask=has, other=0)
-    scale = tl.load(scales_ptr + slot * 3 + sl, mask=has, other=0.0)
     h_rows = buf_ptr + tok[:, None] * LR + sl * R
     x1, x2, m = _head(y_rows, h_rows, b_slot + s_lo * R, col, col - s_lo, d, d_ok, row_ok, rank, scale, T, LR, HALF,
                       NUM_PARTS, BLOCK_M, HALF_P, BLOCK_R, R_TILES, EXACT, RA, DTYPE)
@@ -98,8 +107,9 @@ def _expand_rope_kv_kernel(buf_ptr, b_ptr, y_ptr, ranks_ptr, scales_ptr, sorted_
         # v head kh: columns (H + HKV + kh)*D, slice 2 (starts at (H + HKV)*D); no rotation
         vcol = (H + HKV + kh) * D
         v_lo = (H + HKV) * D
-        rank_v = tl.load(ranks_ptr + slot * 3 + 2, mask=has, other=0)
-        scale_v = tl.load(scales_ptr + slot * 3 + 2, mask=has, other=0.0)
+        if not TABLE:
+            rank_v = tl.load(ranks_ptr + slot * 3 + 2, mask=slot < S, other=0)
+            scale_v = tl.load(scales_ptr + slot * 3 + 2, mask=slot < S, other=0.0)
         hv_rows = buf_ptr + tok[:, None] * LR + 2 * R
         v1, v2, _ = _head(y_rows, hv_rows, b_slot + v_lo * R, vcol, vcol - v_lo, d, d_ok, row_ok, rank_v, scale_v,
                           T, LR, HALF, NUM_PARTS, BLOCK_M, HALF_P, BLOCK_R, R_TILES, EXACT, RA, DTYPE)
@@ -123,11 +133,13 @@ def expand_rope_kv(y, buf, b_stack, ranks, scales, meta, positions, cos, sin, k_
     bm, br = _block_m(T), min(64, _pow2(R))
     grid = tile_grid(cdiv(T, bm) + min(S + 1, T), num_heads + num_kv_heads)
     _expand_rope_kv_kernel[grid](
-        buf, b_stack, y, ranks, scales, meta.sorted_tokens, meta.seg_start, positions, cos, sin, slot_mapping, q,
+        buf, b_stack, y, ranks, scales, meta.sorted_tokens, meta.seg_start, *tile_table(meta), positions, cos, sin,
+        slot_mapping, q,
         k_cache, v_cache, T, N, R, S, y.stride(0), cos.stride(0), sin.stride(0), q.stride(0), q.stride(1),
         *k_cache.stride()[:3], *v_cache.stride()[:3],
         H=num_heads, HKV=num_kv_heads, D=head_dim, HALF_P=max(16, next_pow2(head_dim // 2)), BS=k_cache.shape[1],
         NUM_PARTS=buf.shape[0], S_POW2=_pow2(S + 1, 2), BLOCK_M=bm, BLOCK_R=br, R_TILES=cdiv(R, br),
         EXACT=y.dtype == torch.float32, RA=row_align(R), RNE_BF16=_rne_bf16(y), TILES_SLOW=TILES_SLOW,
+        TABLE=meta.tile_slot is not None,
         num_warps=4, num_stages=2)
     return q

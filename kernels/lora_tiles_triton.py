@@ -61,6 +61,24 @@ def _pick_tile(pid, s, lo, hi, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _table_tile(pid, tile_slot_ptr, tile_tok_ptr, BLOCK_M: tl.constexpr):
+    """Tile `pid` from lora_meta's tile table (LORAMUX_LORA_TILE_TABLE) -> (group, token ids int64 [BM], row mask);
+    both loads depend on nothing but pid, so they share one memory round trip."""
+    slot = tl.load(tile_slot_ptr + pid)
+    t = tl.load(tile_tok_ptr + pid * BLOCK_M + tl.arange(0, BLOCK_M))
+    return slot, tl.maximum(t, 0).to(tl.int64), t >= 0
+
+
+@triton.jit
+def _slot_value(ptr, slot, col, L, S, S_POW2: tl.constexpr):
+    """ptr[slot * L + col] (0 when slot >= S), read as a [S_POW2] vector that does not wait for slot and picked
+    in registers: no round trip after the slot is known."""
+    s = tl.arange(0, S_POW2)
+    v = tl.load(ptr + s * L + col, mask=s < S, other=0)
+    return tl.sum(tl.where(s == slot, v, tl.zeros_like(v)), 0)
+
+
+@triton.jit
 def _slice_chunk(pid, OFF1, OFF2, OFF3, N, CH):
     """Column chunk `pid` -> (slice, first column, slice end, slice start). Chunks of CH columns never straddle
     a slice boundary: slice i (columns OFFi..OFFi+1, OFF0 = 0, OFF4 = N; unused slices empty) has cdiv(width, CH)."""

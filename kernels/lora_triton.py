@@ -11,8 +11,9 @@ import triton.language as tl
 
 from .backend import cdiv, interpreter_on, next_pow2
 from .lora_layout import row_align
-from .lora_tiles_triton import (TILES_SLOW, _first_h, _lora_delta, _segment_tile, _slice_chunk, _tile_pid,
-                                slice_chunks, tile_grid)
+from .lora_meta import block_m as _block_m
+from .lora_tiles_triton import (TILES_SLOW, _first_h, _lora_delta, _segment_tile, _slice_chunk, _slot_value,
+                                _table_tile, _tile_pid, slice_chunks, tile_grid)
 
 # Work decomposition, layouts and the expand-side tile math: lora_tiles_triton.py.
 
@@ -57,24 +58,34 @@ def _shrink_kernel(x_ptr, a_ptr, out_ptr, ranks_ptr, sorted_ptr, seg_start_ptr, 
 
 
 @triton.jit
-def _expand_kernel(buf_ptr, b_ptr, y_ptr, ranks_ptr, scales_ptr, sorted_ptr, seg_start_ptr,
+def _expand_kernel(buf_ptr, b_ptr, y_ptr, ranks_ptr, scales_ptr, sorted_ptr, seg_start_ptr, tslot_ptr, ttok_ptr,
                    T, N, R, S, OFF1, OFF2, OFF3, sy_t,
                    L: tl.constexpr, NUM_PARTS: tl.constexpr, S_POW2: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, R_TILES: tl.constexpr,
-                   N_ITERS: tl.constexpr, EXACT: tl.constexpr, RA: tl.constexpr, TILES_SLOW: tl.constexpr):
+                   N_ITERS: tl.constexpr, EXACT: tl.constexpr, RA: tl.constexpr, TILES_SLOW: tl.constexpr,
+                   TABLE: tl.constexpr):
     # y[t, n] += scale[s, i] * sum_{j < rank[s, i]} (sum_p buf[p, t, i*R + j]) * B_si[n - lo_i, j],  n in slice i
     pid_m, pid_n = _tile_pid(0, 1, TILES_SLOW)  # pid_n: chunk of N_ITERS * BLOCK_N columns inside one slice
     sl, n0, n_hi, s_lo = _slice_chunk(pid_n, OFF1, OFF2, OFF3, N, BLOCK_N * N_ITERS)
-    slot, row0, seg_hi = _segment_tile(pid_m, seg_start_ptr, S, S_POW2, BLOCK_M)
-    if slot >= S:
-        return
-    rank = tl.load(ranks_ptr + slot * L + sl)
-    if rank == 0:
-        return
-    scale = tl.load(scales_ptr + slot * L + sl)
-    rows = row0 + tl.arange(0, BLOCK_M)
-    row_ok = rows < seg_hi
-    tok = tl.load(sorted_ptr + rows, mask=row_ok, other=0).to(tl.int64)  # [BM]
+    if TABLE:  # slot, tokens, rank and scale in one round trip (lora_meta.TILE_TABLE)
+        slot, tok, row_ok = _table_tile(pid_m, tslot_ptr, ttok_ptr, BLOCK_M)
+        rank = _slot_value(ranks_ptr, slot, sl, L, S, S_POW2)
+        scale = _slot_value(scales_ptr, slot, sl, L, S, S_POW2)
+        if slot >= S:
+            return
+        if rank == 0:
+            return
+    else:
+        slot, row0, seg_hi = _segment_tile(pid_m, seg_start_ptr, S, S_POW2, BLOCK_M)
+        if slot >= S:
+            return
+        rank = tl.load(ranks_ptr + slot * L + sl)
+        if rank == 0:
+            return
+        scale = tl.load(scales_ptr + slot * L + sl)
+        rows = row0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < seg_hi
+        tok = tl.load(sorted_ptr + rows, mask=row_ok, other=0).to(tl.int64)  # [BM]
     h_rows = buf_ptr + tok[:, None] * (L * R) + sl * R  # [BM, 1]
     b_blk = b_ptr + (slot.to(tl.int64) * N + s_lo) * R  # this slot-slice's compact B block
     h = _first_h(h_rows, rank, row_ok, T, L * R, NUM_PARTS, BLOCK_M, BLOCK_R, R_TILES)
@@ -117,8 +128,9 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _block_m(T: int) -> int:
-    return 16 if T <= 64 else (32 if T <= 256 else 64)
+def tile_table(meta) -> tuple:
+    """The tile table's two buffers for a launch (the seg_start buffer stands in, unread, when there is none)."""
+    return (meta.tile_slot, meta.tile_tok) if meta.tile_slot is not None else (meta.seg_start, meta.seg_start)
 
 
 @lru_cache(maxsize=4096)  # host ints only; called per linear group per eager step
@@ -174,10 +186,11 @@ def expand(y, buf, b_stack, ranks, scales, slice_offsets, meta, n_iters: int | N
     offs, chunks = slice_chunks(slice_offsets, bn * n_iters)  # OFF1..OFF3 (unused slices empty), chunk count
     grid = tile_grid(cdiv(T, bm) + min(S, T), chunks)
     _expand_kernel[grid](
-        buf, b_stack, y, ranks, scales, meta.sorted_tokens, meta.seg_start, T, N, R, S, *offs, y.stride(0),
+        buf, b_stack, y, ranks, scales, meta.sorted_tokens, meta.seg_start, *tile_table(meta), T, N, R, S, *offs,
+        y.stride(0),
         L=L, NUM_PARTS=buf.shape[0], S_POW2=_pow2(S, 2), BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br,
         R_TILES=cdiv(R, br), N_ITERS=n_iters, EXACT=y.dtype == torch.float32, RA=row_align(R),
-        TILES_SLOW=TILES_SLOW, num_warps=4, num_stages=2)
+        TILES_SLOW=TILES_SLOW, TABLE=meta.tile_slot is not None, num_warps=4, num_stages=2)
 
 
 def add_lora(y, x, a_stack, b_stack, ranks, scales, slice_offsets, meta, split_k: int | None = None,
