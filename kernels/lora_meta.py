@@ -11,6 +11,11 @@ import torch
 # slot and token ids from a table built here, and pick the slot's rank and scale out of vectors loaded beside it:
 # one dependent memory round trip before the tile's data instead of three (segment starts -> rank -> token ids).
 TILE_TABLE = os.environ.get("LORAMUX_LORA_TILE_TABLE", "0") == "1"
+# Experimental, off: decode expands (T <= BM1_MAX_T) take one token per program (as Punica's BGMV), not a 16-row
+# tile of one slot's tokens: the grid is exactly T token programs (a tile grid must also cover one partial tile per
+# slot, so with few adapters most of its programs have no work), and at one token per slot no tile rows go unused.
+EXPAND_BM1 = os.environ.get("LORAMUX_LORA_EXPAND_BM1", "0") == "1"
+BM1_MAX_T = 64
 
 
 def block_m(T: int) -> int:
@@ -18,9 +23,21 @@ def block_m(T: int) -> int:
     return 16 if T <= 64 else (32 if T <= 256 else 64)
 
 
+def expand_block_m(T: int) -> int:
+    """Token rows per tile of the expand kernels (EXPAND_BM1: one at decode sizes)."""
+    return 1 if EXPAND_BM1 and T <= BM1_MAX_T else block_m(T)
+
+
+def expand_tiles(T: int, groups: int) -> int:
+    """Bound on the expand tiles of T tokens in `groups` groups: each group adds at most one partial tile (none
+    with one-row tiles). The expand kernels' grid size along tiles (a function of T and S only: graph-safe)."""
+    bm = expand_block_m(T)
+    return T if bm == 1 else -(-T // bm) + min(groups, T)
+
+
 def tile_count(T: int, S: int) -> int:
-    """Bound on the tiles over S slots + the no-adapter group: every group adds at most one partial tile."""
-    return -(-T // block_m(T)) + min(S + 1, T)
+    """Tiles of the table: over S slots + the no-adapter group."""
+    return expand_tiles(T, S + 1)
 
 
 @dataclass
@@ -37,7 +54,7 @@ class LoRAMeta:
     _slot_ids: torch.Tensor  # int64 [S+1] = arange(S+1)
     # TILE_TABLE: tile i (numbered as lora_tiles_triton._pick_tile over S + 1 groups) belongs to group
     # tile_slot[i] (S = tokens without adapter, S + 1 = past the last tile) and holds the token ids
-    # tile_tok[i * BM : (i + 1) * BM] (-1 = empty row), BM = block_m(T)
+    # tile_tok[i * BM : (i + 1) * BM] (-1 = empty row), BM = expand_block_m(T)
     tile_slot: torch.Tensor | None = None  # int32 [tiles bound]
     tile_tok: torch.Tensor | None = None  # int32 [tiles bound * BM]
     _tile_ids: torch.Tensor | None = None  # int64 arange(max(tiles bound, 64))
@@ -49,8 +66,8 @@ class LoRAMeta:
         meta = cls(torch.full((max_tokens,), -1, **i32), torch.zeros(max_tokens, **i32),
                    torch.zeros(num_slots + 1, **i32), num_slots, 0, torch.arange(max_tokens, **i32),
                    torch.arange(num_slots + 1, **i64))
-        if TILE_TABLE:  # sized for every T <= max_tokens: tiles * BM <= T + (S + 2) * 64
-            meta.tile_slot = torch.zeros(-(-max_tokens // 16) + num_slots + 2, **i32)
+        if TILE_TABLE:  # sized for every T <= max_tokens: tiles <= T + S + 1, tiles * BM <= T + (S + 2) * 64
+            meta.tile_slot = torch.zeros(max_tokens + num_slots + 2, **i32)
             meta._tile_ids = torch.arange(max(64, meta.tile_slot.numel()), **i64)
             meta.tile_tok = torch.zeros(max_tokens + (num_slots + 2) * 64, **i32)
         return meta
@@ -99,7 +116,7 @@ def build_lora_meta(token_slots: torch.Tensor, num_slots: int, out: LoRAMeta | N
 def _fill_tiles(out: LoRAMeta, counts: torch.Tensor, T: int, S: int) -> None:
     """tile_slot / tile_tok for this step (torch ops on the device, no sync): the same tiles, in the same order,
     as the kernels' in-kernel numbering (lora_tiles_triton._pick_tile) finds from seg_start."""
-    bm, nt = block_m(T), tile_count(T, S)
+    bm, nt = expand_block_m(T), tile_count(T, S)
     ntile = (counts.long() + bm - 1) // bm  # [S+1] tiles per group
     tend = ntile.cumsum(0)  # [S+1] inclusive
     i = out._tile_ids[:nt]

@@ -21,7 +21,8 @@ from .fused_ops_triton import _cast, _rne_bf16
 from .lora_layout import row_align
 from .lora_tiles_triton import (TILES_SLOW, _first_h, _lora_delta, _pick_tile, _slot_value, _table_tile, _tile_pid,
                                 tile_grid)
-from .lora_triton import DECODE_N_ITERS, _block_m, _pow2, tile_table
+from .lora_meta import expand_block_m, expand_tiles
+from .lora_triton import DECODE_N_ITERS, _pow2, tile_table
 
 
 @triton.jit
@@ -106,9 +107,9 @@ def expand_silu(y, buf, b_stack, ranks, scales, meta, n_iters: int | None = None
     act = torch.empty(T, I, dtype=y.dtype, device=y.device)
     if T == 0:
         return act
-    bm, bn, br = _block_m(T), 128, min(64, _pow2(R))
+    bm, bn, br = expand_block_m(T), 128, min(64, _pow2(R))
     n_iters = n_iters or (DECODE_N_ITERS if T <= 256 else 4)  # as the expand kernel
-    grid = tile_grid(cdiv(T, bm) + min(S + 1, T), cdiv(I, bn * n_iters))
+    grid = tile_grid(expand_tiles(T, S + 1), cdiv(I, bn * n_iters))
     _expand_silu_kernel[grid](
         buf, b_stack, y, act, ranks, scales, meta.sorted_tokens, meta.seg_start, *tile_table(meta), T, I, R, S,
         y.stride(0),

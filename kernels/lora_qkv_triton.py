@@ -21,7 +21,8 @@ from .fused_ops_triton import _cast, _rne_bf16
 from .lora_layout import row_align
 from .lora_mlp_triton import _segment_tile_all, _with_delta
 from .lora_tiles_triton import TILES_SLOW, _first_h, _slot_value, _table_tile, _tile_pid, tile_grid
-from .lora_triton import _block_m, _pow2, tile_table
+from .lora_meta import expand_block_m, expand_tiles
+from .lora_triton import _pow2, tile_table
 
 
 @triton.jit
@@ -130,8 +131,8 @@ def expand_rope_kv(y, buf, b_stack, ranks, scales, meta, positions, cos, sin, k_
         return q
     assert k_cache.stride(3) == 1 and v_cache.stride(3) == 1 and cos.stride(1) == 1 and sin.stride(1) == 1
     positions, slot_mapping = positions.contiguous(), slot_mapping.contiguous()
-    bm, br = _block_m(T), min(64, _pow2(R))
-    grid = tile_grid(cdiv(T, bm) + min(S + 1, T), num_heads + num_kv_heads)
+    bm, br = expand_block_m(T), min(64, _pow2(R))
+    grid = tile_grid(expand_tiles(T, S + 1), num_heads + num_kv_heads)
     _expand_rope_kv_kernel[grid](
         buf, b_stack, y, ranks, scales, meta.sorted_tokens, meta.seg_start, *tile_table(meta), positions, cos, sin,
         slot_mapping, q,

@@ -144,7 +144,9 @@ def _lora_delta(h, h_rows, b_blk, n_rel, n_ok, rank, row_ok, T, LR, NUM_PARTS: t
                 h2 = h
             bt = tl.load(b_rows + rr[None, :], mask=n_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
             # h stays fp32: exact for fp32 models, tf32 (10-bit mantissa, finer than bf16/fp16) otherwise
-            if EXACT:
+            if BLOCK_M == 1:  # one token (lora_meta.EXPAND_BM1): no dot below 16 rows; exact fp32 products
+                acc += tl.sum(h2 * bt, axis=1)[None, :]  # [1, BR] * [BN, BR] -> [1, BN]
+            elif EXACT:
                 acc += tl.dot(h2, tl.trans(bt), input_precision="ieee")
             else:
                 acc += tl.dot(h2, tl.trans(bt), input_precision="tf32")

@@ -12,6 +12,7 @@ import triton.language as tl
 from .backend import cdiv, interpreter_on, next_pow2
 from .lora_layout import row_align
 from .lora_meta import block_m as _block_m
+from .lora_meta import expand_block_m, expand_tiles
 from .lora_tiles_triton import (TILES_SLOW, _first_h, _lora_delta, _segment_tile, _slice_chunk, _slot_value,
                                 _table_tile, _tile_pid, slice_chunks, tile_grid)
 
@@ -181,10 +182,10 @@ def expand(y, buf, b_stack, ranks, scales, slice_offsets, meta, n_iters: int | N
     L = len(slice_offsets) - 1
     if T == 0 or R == 0:
         return
-    bm, bn, br = _block_m(T), 128, min(64, _pow2(R))
+    bm, bn, br = expand_block_m(T), 128, min(64, _pow2(R))
     n_iters = n_iters or (DECODE_N_ITERS if T <= 256 else 4)  # column tiles per program (H100 sweep: 2 decode)
     offs, chunks = slice_chunks(slice_offsets, bn * n_iters)  # OFF1..OFF3 (unused slices empty), chunk count
-    grid = tile_grid(cdiv(T, bm) + min(S, T), chunks)
+    grid = tile_grid(expand_tiles(T, S), chunks)
     _expand_kernel[grid](
         buf, b_stack, y, ranks, scales, meta.sorted_tokens, meta.seg_start, *tile_table(meta), T, N, R, S, *offs,
         y.stride(0),

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from loramux.kernels import lora_meta
-from loramux.kernels.lora_meta import LoRAMeta, block_m, build_lora_meta, tile_count
+from loramux.kernels.lora_meta import LoRAMeta, build_lora_meta, expand_block_m, tile_count
 
 try:
     import triton  # noqa: F401
@@ -18,7 +18,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 def reference_tiles(meta: LoRAMeta, T: int, S: int) -> tuple[list[int], list[list[int]]]:
     """Group and token ids of every tile, numbered group by group (slots, then no adapter), padded to the bound."""
-    bm, srt = block_m(T), meta.sorted_tokens[:T].tolist()
+    bm, srt = expand_block_m(T), meta.sorted_tokens[:T].tolist()
     starts = meta.seg_start.tolist() + [T]
     slots, toks = [], []
     for g in range(S + 1):
@@ -30,15 +30,18 @@ def reference_tiles(meta: LoRAMeta, T: int, S: int) -> tuple[list[int], list[lis
     return slots + [S + 1] * pad, toks + [[-1] * bm] * pad
 
 
+@pytest.mark.parametrize("bm1", [False, True])
 @pytest.mark.parametrize("T", [1, 2, 15, 16, 17, 64, 65, 200, 256, 300])
-def test_table_matches_the_tile_numbering(T, monkeypatch):
+def test_table_matches_the_tile_numbering(T, bm1, monkeypatch):
     monkeypatch.setattr(lora_meta, "TILE_TABLE", True)
+    monkeypatch.setattr(lora_meta, "EXPAND_BM1", bm1)  # one-token tiles up to T = 64
     g = torch.Generator().manual_seed(T)
     S = 6
     for slots in (torch.randint(-1, S, (T,), generator=g), torch.full((T,), 3), torch.full((T,), -1)):
         for out in (None, LoRAMeta.empty(512, S, "cpu")):  # sized for T, and preallocated for a larger T
             meta = build_lora_meta(slots, S, out=out)
-            nt, bm = tile_count(T, S), block_m(T)
+            nt, bm = tile_count(T, S), expand_block_m(T)
+            assert bm == (1 if bm1 and T <= 64 else 16 if T <= 64 else 32 if T <= 256 else 64)
             want_slots, want_toks = reference_tiles(meta, T, S)
             assert meta.tile_slot[:nt].tolist() == want_slots
             assert meta.tile_tok[:nt * bm].view(nt, bm).tolist() == want_toks
@@ -59,4 +62,20 @@ def test_expand_kernels_with_the_table():
     env = {"LORAMUX_KERNEL_BACKEND": "", "LORAMUX_FUSED_OPS_BACKEND": "", "LORAMUX_LORA_TILE_TABLE": "1"}
     run_triton_cases(os.path.join(tests, "test_lora_kernels.py"), "triton and (shrink_then_expand or expand)", env)
     run_triton_cases(os.path.join(tests, "test_lora_mlp.py"), "triton and (split_k or mixed)", env)
+    run_triton_cases(os.path.join(tests, "test_lora_qkv.py"), "triton", env)
+
+
+@pytest.mark.skipif(not HAS_TRITON or INTERPRET, reason="needs triton; in-process when already interpreted")
+def test_expand_kernels_one_token_per_program():
+    """LORAMUX_LORA_EXPAND_BM1: decode expands with one-token tiles (no dot: exact fp32 products), from the in-kernel
+    numbering and from the tile table; the fused expands stay bit-equal to the unfused chain."""
+    from triton_interp import run_triton_cases
+
+    tests = os.path.dirname(__file__)
+    env = {"LORAMUX_KERNEL_BACKEND": "", "LORAMUX_FUSED_OPS_BACKEND": "", "LORAMUX_LORA_EXPAND_BM1": "1"}
+    run_triton_cases(os.path.join(tests, "test_lora_kernels.py"), "triton and (shrink_then_expand or expand)", env)
+    run_triton_cases(os.path.join(tests, "test_lora_mlp.py"), "triton and (split_k or mixed)", env)
+    run_triton_cases(os.path.join(tests, "test_lora_qkv.py"), "triton", env)
+    env["LORAMUX_LORA_TILE_TABLE"] = "1"
+    run_triton_cases(os.path.join(tests, "test_lora_mlp.py"), "triton and mixed", env)
     run_triton_cases(os.path.join(tests, "test_lora_qkv.py"), "triton", env)
