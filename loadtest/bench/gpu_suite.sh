@@ -12,7 +12,9 @@
 #   GPU test, then decode with LORAMUX_ASYNC_DECODE=1 and with the LoRA launch-shape knobs against the defaults, ~5 min;
 #   `verify` = engine and sampling GPU tests, top-p decode with the torch and the fused sampler, 1,000 adapters,
 #   decode profile, ~6.5 min; `partials` = LoRA GPU tests with LORAMUX_LORA_REDUCE_PARTIALS=1, decode with the
-#   partials summed / with fewer splits against the defaults, ~6 min)
+#   partials summed / with fewer splits against the defaults, ~6 min; `s9` = one call with the decisions first:
+#   GPU tests of the sampling / slot-copy defaults, expand latency (bench_expand_latency) and decode with the
+#   experimental LoRA switches against the defaults, the LoRA GPU tests with one-token tiles + tile table, ~9 min)
 # Run from the repository root with the package importable (pip install -e . or PYTHONPATH, see DESIGN.md §9).
 set -u
 OUT=${OUT:-out/gpu-suite}
