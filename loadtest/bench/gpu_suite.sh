@@ -75,18 +75,18 @@ step 200 python -m $B.bench_many_adapters --shape llama3-8b --adapters 1000 \
 step 90 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 0,1 --skip-hf --profile
 fi
 if [ "$PART" = s9 ]; then  # one call for session 9's scarce device time, decisions first: the GPU tests of
-    # session 8's unmeasured defaults (top-p rows on the fused sampler, slot copies issued while waiting), expand
-    # latency per suspect and with one-token tiles from the tile table (T1), decode with T1 beside the defaults,
-    # the LoRA GPU tests with T1, then each switch alone, top-p decode torch vs fused sampler (~9 min; the last
+    # expand latency per suspect and with one-token tiles from the tile table (T1), decode with T1 beside the
+    # defaults, the GPU tests of session 8's unmeasured defaults (top-p rows on the fused sampler, slot copies
+    # issued while waiting), the LoRA GPU tests with T1, then each switch alone, top-p decode torch vs fused sampler (~9 min; the last
     # steps are the first to go if the call runs out)
 T1="LORAMUX_LORA_TILE_TABLE=1 LORAMUX_LORA_EXPAND_BM1=1"
-step 120 python -m pytest -q -m gpu tests/test_sampling_kernel.py tests/test_many_adapters_gpu.py \
-    tests/test_engine_gpu.py -k "gpu_kernel or copy or churn or async" -p no:cacheprovider
 step 70 python -m $B.bench_expand_latency --json "$OUT/expand_latency.json"
 step 50 env $T1 python -m $B.bench_expand_latency --json "$OUT/expand_latency_t1.json"
 step 60 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 0,1,32 --skip-hf --json "$OUT/p_base.json"
 step 50 env $T1 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 1,32 --skip-hf \
     --json "$OUT/p_t1.json"
+step 120 python -m pytest -q -m gpu tests/test_sampling_kernel.py tests/test_many_adapters_gpu.py \
+    tests/test_engine_gpu.py -k "gpu_kernel or copy or churn or async" -p no:cacheprovider
 step 100 env $T1 python -m pytest -q -m gpu tests/test_lora_kernels_gpu.py tests/test_lora_paths_gpu.py \
     tests/test_engine_gpu.py -k "not bf16_logits and not mixed_step and not async" -p no:cacheprovider
 for v in LORAMUX_LORA_TILE_TABLE LORAMUX_LORA_EXPAND_BM1 LORAMUX_LORA_TILES_SLOW LORAMUX_LORA_REDUCE_PARTIALS; do
