@@ -74,11 +74,11 @@ step 200 python -m $B.bench_many_adapters --shape llama3-8b --adapters 1000 \
     --duration 20 --saturation-seconds 10 --mixed-graphs on --json "$OUT/many_async.json"
 step 90 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 0,1 --skip-hf --profile
 fi
-if [ "$PART" = s9 ]; then  # one call for session 9's scarce device time, decisions first: the GPU tests of
-    # expand latency per suspect and with one-token tiles from the tile table (T1), decode with T1 beside the
-    # defaults, the GPU tests of session 8's unmeasured defaults (top-p rows on the fused sampler, slot copies
-    # issued while waiting), the LoRA GPU tests with T1, then each switch alone, top-p decode torch vs fused sampler (~9 min; the last
-    # steps are the first to go if the call runs out)
+if [ "$PART" = s9 ]; then  # one call for session 9's scarce device time, decisions first: expand latency per
+    # suspect and with one-token tiles from the tile table (T1), decode with T1 beside the defaults, the GPU tests of
+    # session 8's unmeasured defaults (top-p rows on the fused sampler, slot copies issued while waiting), the LoRA
+    # GPU tests with T1, each switch alone, top-p decode torch vs fused sampler (~9 min; the last steps are the
+    # first to go if the call runs out)
 T1="LORAMUX_LORA_TILE_TABLE=1 LORAMUX_LORA_EXPAND_BM1=1"
 step 70 python -m $B.bench_expand_latency --json "$OUT/expand_latency.json"
 step 50 env $T1 python -m $B.bench_expand_latency --json "$OUT/expand_latency_t1.json"
