@@ -85,17 +85,19 @@ step 50 env $T1 python -m $B.bench_expand_latency --json "$OUT/expand_latency_t1
 step 60 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 0,1,32 --skip-hf --json "$OUT/p_base.json"
 step 50 env $T1 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 1,32 --skip-hf \
     --json "$OUT/p_t1.json"
-step 120 python -m pytest -q -m gpu tests/test_sampling_kernel.py tests/test_many_adapters_gpu.py \
-    tests/test_engine_gpu.py -k "gpu_kernel or copy or churn or async" -p no:cacheprovider
+step 120 python -m pytest -q -m gpu tests/test_sampling_kernel.py tests/test_top_p_kernel.py \
+    tests/test_many_adapters_gpu.py tests/test_engine_gpu.py -k "gpu_kernel or gpu_at or copy or churn or async" \
+    -p no:cacheprovider
 step 100 env $T1 python -m pytest -q -m gpu tests/test_lora_kernels_gpu.py tests/test_lora_paths_gpu.py \
     tests/test_engine_gpu.py -k "not bf16_logits and not mixed_step and not async" -p no:cacheprovider
 for v in LORAMUX_LORA_TILE_TABLE LORAMUX_LORA_EXPAND_BM1 LORAMUX_LORA_TILES_SLOW LORAMUX_LORA_REDUCE_PARTIALS; do
     step 50 env $v=1 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 1,32 --skip-hf \
         --json "$OUT/p_$v.json"
 done
-for f in 0 auto; do
-    step 45 env LORAMUX_FUSED_SAMPLING=$f python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 0 \
-        --temperature 0.8 --top-p 0.9 --skip-hf --json "$OUT/d_top_p_fused_$f.json"
+for f in LORAMUX_FUSED_SAMPLING=0 LORAMUX_FUSED_SAMPLING=auto LORAMUX_TOP_P_SEARCH=1; do  # top-p: torch, sort
+    # bound + fused noise/argmax (the default), searched bound (kernels/top_p_triton.py)
+    step 45 env $f python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 0 \
+        --temperature 0.8 --top-p 0.9 --skip-hf --json "$OUT/d_top_p_$f.json"
 done
 fi
 if [ "$PART" = partials ]; then  # does the expand's split-K partial reduction cost the decode LoRA time? (session 8)
