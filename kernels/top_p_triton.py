@@ -76,5 +76,5 @@ def top_p_threshold(x: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     p = top_p.float().contiguous()
     thr = torch.empty(B, dtype=torch.float32, device=x.device)
     if B:
-        _top_p_kernel[(B,)](x, x.stride(0), p, thr, V, BLOCK=BLOCK, NC=NC)
+        _top_p_kernel[(B,)](x, x.stride(0), p, thr, V, BLOCK=BLOCK, NC=NC, num_warps=8)  # [BLOCK, NC] per pass
     return torch.where(p >= 1.0, float("-inf"), thr).unsqueeze(1)
