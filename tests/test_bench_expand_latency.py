@@ -15,4 +15,4 @@ def test_dry_run_calls_every_op():
                         "4"], env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     ops = [line for line in p.stdout.splitlines() if line.startswith(("expand", "shrink", "silu", "add", "noop"))]
-    assert len(ops) == 19, p.stdout
+    assert len(ops) == 22, p.stdout

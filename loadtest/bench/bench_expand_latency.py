@@ -13,7 +13,7 @@ import json
 import torch
 import triton
 
-from loramux.kernels import fused_ops_triton, lora_mlp_triton
+from loramux.kernels import fused_ops_triton, lora_mlp_triton, lora_qkv_triton
 from loramux.kernels import lora_triton as tri
 from loramux.kernels.lora import build_lora_meta
 from loramux.loadtest.bench.gpu_timing import copy_bandwidth
@@ -84,6 +84,15 @@ def run(T: int, r: int) -> list[dict]:
         nb = 3 * T * I * 2 + D * 2 * I * r * 2
         add(f"expand_silu D={D} S={S} P={P} n_iters={n_it or tri.DECODE_N_ITERS}",
             lambda: lora_mlp_triton.expand_silu(y, buf, b, ranks, scales, meta, n_iters=n_it), nb)
+    nh, nkv, hd = H // 128, H // 512, 128  # Llama-3-8B: 32 q heads, 8 kv heads of 128
+    pos = torch.arange(T, device=DEV) + 100
+    cos, sin = (torch.randn(4096, hd, device=DEV, generator=gen) for _ in range(2))
+    kc, vc = (torch.empty(T // 16 + 1, 16, nkv, hd, device=DEV, dtype=torch.bfloat16) for _ in range(2))
+    for D, S, P in [(1, 32, 8), (1, 1, 8), (32, 32, 8)]:  # q|k|v expand + RoPE + KV write
+        y, buf, b, ranks, scales, meta = lora_case(T, D, S, r, (nh + 2 * nkv) * hd, 3, P, gen)
+        nb = 2 * T * (nh + 2 * nkv) * hd * 2 + D * (nh + 2 * nkv) * hd * r * 2
+        add(f"expand_rope_kv D={D} S={S} P={P}", lambda: lora_qkv_triton.expand_rope_kv(
+            y, buf, b, ranks, scales, meta, pos, cos, sin, kc, vc, torch.arange(T, device=DEV), nh, nkv, hd), nb)
     for D, S, P, n_it in [(1, 32, 8, None), (1, 32, 1, None), (1, 1, 8, None), (1, 32, 16, None),
                           (1, 32, 8, 1), (32, 32, 8, None), (32, 32, 1, None)]:
         y, buf, b, ranks, scales, meta = lora_case(T, D, S, r, H, 1, P, gen)
@@ -111,7 +120,7 @@ def main() -> None:
     args = ap.parse_args()
     global DEV, H, I
     if args.dry:
-        DEV, H, I = "cpu", 64, 96
+        DEV, H, I = "cpu", 512, 96  # H: 4 q heads, 1 kv head of 128
     bps = 1.0 if args.dry else copy_bandwidth()
     rows = run(args.tokens, args.rank)
     print(f"T={args.tokens} r={args.rank} bf16, copy rate {bps / 1e12:.2f} TB/s; GPU time per launch in a CUDA graph")
