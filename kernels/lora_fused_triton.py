@@ -36,7 +36,7 @@ import triton.language as tl
 
 from .backend import cdiv
 from .lora_layout import row_align
-from .lora_tiles_triton import _b_stride, _segment_tile, _slice_chunk, slice_chunks
+from .lora_tiles_triton import _b_stride, _segment_tile, _slice_chunk, _tile_tokens, slice_chunks
 from .lora_triton import _block_m, _dot_f32, _pow2
 
 # Off by default: on the H100 (Llama-3-8B layer, CUDA graphs) this kernel took 1.5-2.7x the two-launch time at
@@ -104,9 +104,7 @@ def _fused_kernel(x_ptr, a_ptr, b_ptr, y_ptr, ranks_ptr, scales_ptr, sorted_ptr,
     if rank == 0:
         return
     scale = tl.load(scales_ptr + slot * L + sl)
-    rows = row0 + tl.arange(0, BLOCK_M)
-    row_ok = rows < seg_hi
-    tok = tl.load(sorted_ptr + rows, mask=row_ok, other=0).to(tl.int64)  # [BM] token ids
+    tok, row_ok = _tile_tokens(row0, seg_hi, sorted_ptr, BLOCK_M)  # [BM] token ids
     x_rows = x_ptr + tok[:, None] * sx_t  # [BM, 1]
     a_slice = a_ptr + (slot.to(tl.int64) * L + sl) * R * K  # this slot's A rows of slice sl
     # Phase 1: h [BM, R] in up to 4 register tiles of BLOCK_R (a list cannot be indexed; R_TILES is a constexpr,

@@ -20,7 +20,7 @@ from .backend import cdiv
 from .fused_ops_triton import _cast, _rne_bf16
 from .lora_layout import row_align
 from .lora_tiles_triton import (TILES_SLOW, _first_h, _lora_delta, _pick_tile, _slot_value, _table_tile, _tile_pid,
-                                tile_grid)
+                                _tile_tokens, tile_grid)
 from .lora_meta import expand_block_m, expand_tiles
 from .lora_triton import DECODE_N_ITERS, _pow2, tile_table
 
@@ -69,9 +69,7 @@ def _expand_silu_kernel(buf_ptr, b_ptr, y_ptr, out_ptr, ranks_ptr, scales_ptr, s
         if slot > S:
             return
         has = slot < S  # slot S: tokens without adapter (SiLU*mul only)
-        rows = row0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < seg_hi
-        tok = tl.load(sorted_ptr + rows, mask=row_ok, other=0).to(tl.int64)  # [BM]
+        tok, row_ok = _tile_tokens(row0, seg_hi, sorted_ptr, BLOCK_M)  # [BM] token ids
         rank_g = tl.load(ranks_ptr + slot * 2, mask=has, other=0)
         rank_u = tl.load(ranks_ptr + slot * 2 + 1, mask=has, other=0)
         scale_g = tl.load(scales_ptr + slot * 2, mask=has, other=0.0)

@@ -20,7 +20,7 @@ from .backend import cdiv, next_pow2
 from .fused_ops_triton import _cast, _rne_bf16
 from .lora_layout import row_align
 from .lora_mlp_triton import _segment_tile_all, _with_delta
-from .lora_tiles_triton import TILES_SLOW, _first_h, _slot_value, _table_tile, _tile_pid, tile_grid
+from .lora_tiles_triton import TILES_SLOW, _first_h, _slot_value, _table_tile, _tile_pid, _tile_tokens, tile_grid
 from .lora_meta import expand_block_m, expand_tiles
 from .lora_triton import _pow2, tile_table
 
@@ -68,9 +68,7 @@ def _expand_rope_kv_kernel(buf_ptr, b_ptr, y_ptr, ranks_ptr, scales_ptr, sorted_
         if slot > S:
             return
         has = slot < S
-        rows = row0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < seg_hi
-        tok = tl.load(sorted_ptr + rows, mask=row_ok, other=0).to(tl.int64)  # [BM]
+        tok, row_ok = _tile_tokens(row0, seg_hi, sorted_ptr, BLOCK_M)  # [BM] token ids
         rank = tl.load(ranks_ptr + slot * 3 + sl, mask=has, other=0)
         scale = tl.load(scales_ptr + slot * 3 + sl, mask=has, other=0.0)
     d = tl.arange(0, HALF_P)

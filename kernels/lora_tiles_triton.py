@@ -2,10 +2,10 @@
 lora_qkv_triton): which token tile and column chunk a program owns, and the expand-side delta of one tile."""
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
-
-import os
 
 from .backend import cdiv
 
@@ -58,6 +58,14 @@ def _pick_tile(pid, s, lo, hi, BLOCK_M: tl.constexpr):
     seg_lo = tl.sum(tl.where(sel, lo, 0), 0)
     seg_hi = tl.sum(tl.where(sel, hi, 0), 0)
     return slot, seg_lo + (pid - first) * BLOCK_M, seg_hi
+
+
+@triton.jit
+def _tile_tokens(row0, seg_hi, sorted_ptr, BLOCK_M: tl.constexpr):
+    """Token ids (int64 [BM]) and row mask of the tile starting at sorted row row0 of a segment ending at seg_hi."""
+    rows = row0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < seg_hi
+    return tl.load(sorted_ptr + rows, mask=row_ok, other=0).to(tl.int64), row_ok
 
 
 @triton.jit

@@ -14,7 +14,7 @@ from .lora_layout import row_align
 from .lora_meta import block_m as _block_m
 from .lora_meta import expand_block_m, expand_tiles
 from .lora_tiles_triton import (TILES_SLOW, _first_h, _lora_delta, _segment_tile, _slice_chunk, _slot_value,
-                                _table_tile, _tile_pid, slice_chunks, tile_grid)
+                                _table_tile, _tile_pid, _tile_tokens, slice_chunks, tile_grid)
 
 # Work decomposition, layouts and the expand-side tile math: lora_tiles_triton.py.
 
@@ -34,9 +34,7 @@ def _shrink_kernel(x_ptr, a_ptr, out_ptr, ranks_ptr, sorted_ptr, seg_start_ptr, 
     rank = tl.load(ranks_ptr + slot * L + sl)
     if r0 >= rank:
         return
-    rows = row0 + tl.arange(0, BLOCK_M)
-    row_ok = rows < seg_hi
-    tok = tl.load(sorted_ptr + rows, mask=row_ok, other=0).to(tl.int64)  # [BM] token ids
+    tok, row_ok = _tile_tokens(row0, seg_hi, sorted_ptr, BLOCK_M)  # [BM] token ids
     rr = r0 + tl.arange(0, BLOCK_R)
     r_ok = rr < rank  # rows of A past the rank (padding) are never loaded
     cols = sl * R + rr  # [BR] row of A = column of out
@@ -84,9 +82,7 @@ def _expand_kernel(buf_ptr, b_ptr, y_ptr, ranks_ptr, scales_ptr, sorted_ptr, seg
         if rank == 0:
             return
         scale = tl.load(scales_ptr + slot * L + sl)
-        rows = row0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < seg_hi
-        tok = tl.load(sorted_ptr + rows, mask=row_ok, other=0).to(tl.int64)  # [BM]
+        tok, row_ok = _tile_tokens(row0, seg_hi, sorted_ptr, BLOCK_M)  # [BM] token ids
     h_rows = buf_ptr + tok[:, None] * (L * R) + sl * R  # [BM, 1]
     b_blk = b_ptr + (slot.to(tl.int64) * N + s_lo) * R  # this slot-slice's compact B block
     h = _first_h(h_rows, rank, row_ok, T, L * R, NUM_PARTS, BLOCK_M, BLOCK_R, R_TILES)
