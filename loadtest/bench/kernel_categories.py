@@ -7,7 +7,7 @@ TRITON = {"_shrink_kernel": "LoRA shrink", "_expand_kernel": "LoRA expand", "_fu
           "_expand_silu_kernel": "LoRA expand + SiLU*mul", "_expand_rope_kv_kernel": "LoRA expand + RoPE + KV",
           "_rms_norm_kernel": "add + RMSNorm", "_silu_mul_kernel": "SiLU*mul", "_rope_kv_kernel": "RoPE + KV write",
           "_write_kv_kernel": "RoPE + KV write", "_decode_kernel": "attention", "_prefill_kernel": "attention",
-          "_reduce_kernel": "attention"}
+          "_reduce_kernel": "attention", "_gumbel_argmax_kernel": "sampling", "_top_p_kernel": "sampling"}
 GEMM_MARKERS = ("gemm", "nvjet", "cutlass", "xmma", "cublas")
 
 
