@@ -14,3 +14,18 @@ def test_categories_and_per_step_sums():
     assert cats["LoRA shrink"] == (80.0, 128.0) and cats["GEMM"] == (1000.0, 128.0)
     table = format_categories(cats, "decode")
     assert "| LoRA shrink | 80.0 | 7% | 128 |" in table and table.startswith("decode: 1140 us")
+
+
+def test_top_kernels_orders_by_time_per_step():
+    class _Ev:
+        def __init__(self, key, us, count):
+            self.key, self.self_device_time_total, self.count, self.device_type = key, us, count, "DeviceType.CUDA"
+
+    class _Prof:
+        def key_averages(self):
+            return [_Ev("small", 10.0, 2), _Ev("big", 90.0, 4), _Ev("cpu_op", 0.0, 1)]
+
+    from loramux.loadtest.bench.kernel_categories import top_kernels
+
+    lines = top_kernels(_Prof(), 2, n=5).splitlines()
+    assert lines[2] == "| big | 45.0 | 2 |" and lines[3] == "| small | 5.0 | 1 |" and len(lines) == 4

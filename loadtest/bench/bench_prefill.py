@@ -51,7 +51,7 @@ def profile_prefill(engine, adapter_ids: list, T: int, params) -> None:
     """Device kernel time by category of one whole-prompt prefill step per adapter id (None = base)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from loramux.loadtest.bench.kernel_categories import summarize
+    from loramux.loadtest.bench.kernel_categories import summarize, top_kernels
 
     for aid in adapter_ids:
         engine.add_request(f"prof-{aid}", [3] * T, params, aid)
@@ -59,6 +59,7 @@ def profile_prefill(engine, adapter_ids: list, T: int, params) -> None:
             engine.step()
             torch.cuda.synchronize()
         print(summarize(prof, 1, f"prefill {T} tokens, adapter {aid}"))
+        print(top_kernels(prof, 1))
         while engine.has_work():
             engine.step()
 

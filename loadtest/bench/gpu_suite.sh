@@ -14,7 +14,8 @@
 #   decode profile, ~6.5 min; `partials` = LoRA GPU tests with LORAMUX_LORA_REDUCE_PARTIALS=1, decode with the
 #   partials summed / with fewer splits against the defaults, ~6 min; `s9` = one call with the decisions first:
 #   GPU tests of the sampling / slot-copy defaults, expand latency (bench_expand_latency) and decode with the
-#   experimental LoRA switches against the defaults, the LoRA GPU tests with one-token tiles + tile table, ~9 min)
+#   experimental LoRA switches against the defaults, the LoRA GPU tests with one-token tiles + tile table, ~9 min;
+#   `s10` = the call after it: prefill kernel table, 1,000 adapters, LoRA cost per path, ~7 min)
 # Run from the repository root with the package importable (pip install -e . or PYTHONPATH, see DESIGN.md §9).
 set -u
 OUT=${OUT:-out/gpu-suite}
@@ -99,6 +100,16 @@ for f in LORAMUX_FUSED_SAMPLING=0 LORAMUX_FUSED_SAMPLING=auto LORAMUX_TOP_P_SEAR
     step 45 env $f python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 0 \
         --temperature 0.8 --top-p 0.9 --skip-hf --json "$OUT/d_top_p_$f.json"
 done
+fi
+if [ "$PART" = s10 ]; then  # the call after s9: where the 2048-token prefill's LoRA time goes (kernel table by
+    # category without and with an adapter, never run before), 1,000 adapters with slot copies issued while a step's
+    # tokens are awaited (session 8, unmeasured), then each LoRA path's cost added to its GEMM (~7 min)
+step 100 python -m $B.bench_prefill --shape llama3-8b --prompt-len 2048 --repeats 2 --profile \
+    --json "$OUT/prefill_profile.json"
+step 220 python -m $B.bench_many_adapters --shape llama3-8b --adapters 1000 --ranks 8,16,32,64 --zipf 1.0 \
+    --max-loras 64 --max-cpu-loras 256 --max-cpu-lora-bytes 24000000000 --load 0.9 --duration 20 \
+    --saturation-seconds 10 --mixed-graphs on --json "$OUT/many.json"
+step 120 python -m $B.bench_lora_linear --rank 16 --json "$OUT/lora_linear.json"
 fi
 if [ "$PART" = partials ]; then  # does the expand's split-K partial reduction cost the decode LoRA time? (session 8)
     # expand latency per suspect (bench_expand_latency), the LoRA GPU tests with the partials summed beside the

@@ -46,3 +46,11 @@ def format_categories(cats: dict[str, tuple[float, float]], title: str) -> str:
 def summarize(prof, steps: int, title: str) -> str:
     """The category table of a torch.profiler run over `steps` steps."""
     return format_categories(by_category(profiled_kernels(prof), steps), title)
+
+
+def top_kernels(prof, steps: int, n: int = 12) -> str:
+    """The n kernels with the most device time per step (names shortened), for what the categories hide."""
+    rows = sorted(profiled_kernels(prof), key=lambda k: -k[1])[:n]
+    lines = ["| kernel | us per step | launches per step |", "|---|---|---|"]
+    return "\n".join(lines + [f"| {name[:90]} | {us / steps:.1f} | {count / steps:.0f} |" for name, us, count in rows])
+
