@@ -15,7 +15,8 @@
 #   partials summed / with fewer splits against the defaults, ~6 min; `s9` = one call with the decisions first:
 #   GPU tests of the sampling / slot-copy defaults, expand latency (bench_expand_latency) and decode with the
 #   experimental LoRA switches against the defaults, the LoRA GPU tests with one-token tiles + tile table, ~9 min;
-#   `s10` = the call after it: prefill kernel table, 1,000 adapters, LoRA cost per path, ~7 min)
+#   `s10` = the call after it: prefill kernel table, 1,000 adapters, LoRA cost per path, ~7 min; `one` = the
+#   decisions of both in one call, ~10 min)
 # Run from the repository root with the package importable (pip install -e . or PYTHONPATH, see DESIGN.md §9).
 set -u
 OUT=${OUT:-out/gpu-suite}
@@ -97,6 +98,27 @@ for v in LORAMUX_LORA_TILE_TABLE LORAMUX_LORA_EXPAND_BM1 LORAMUX_LORA_TILES_SLOW
 done
 for f in LORAMUX_FUSED_SAMPLING=0 LORAMUX_FUSED_SAMPLING=auto LORAMUX_TOP_P_SEARCH=1; do  # top-p: torch, sort
     # bound + fused noise/argmax (the default), searched bound (kernels/top_p_triton.py)
+    step 45 env $f python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 0 \
+        --temperature 0.8 --top-p 0.9 --skip-hf --json "$OUT/d_top_p_$f.json"
+done
+fi
+if [ "$PART" = one ]; then  # s9 + s10's decisions in one call, for a session that may get a single one: decode
+    # with one-token tiles from the tile table (T1) against the defaults, T1's LoRA GPU tests, the GPU tests of
+    # session 8's defaults, the prefill kernel table, expand latency, top-p decode with the searched bound
+T1="LORAMUX_LORA_TILE_TABLE=1 LORAMUX_LORA_EXPAND_BM1=1"
+step 60 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 0,1,32 --skip-hf --json "$OUT/p_base.json"
+step 50 env $T1 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 1,32 --skip-hf \
+    --json "$OUT/p_t1.json"
+step 100 env $T1 python -m pytest -q -m gpu tests/test_lora_kernels_gpu.py tests/test_lora_paths_gpu.py \
+    tests/test_engine_gpu.py -k "not bf16_logits and not mixed_step and not async" -p no:cacheprovider
+step 120 python -m pytest -q -m gpu tests/test_sampling_kernel.py tests/test_top_p_kernel.py \
+    tests/test_many_adapters_gpu.py tests/test_engine_gpu.py -k "gpu_kernel or gpu_at or copy or churn or async" \
+    -p no:cacheprovider
+step 100 python -m $B.bench_prefill --shape llama3-8b --prompt-len 2048 --repeats 2 --profile \
+    --json "$OUT/prefill_profile.json"
+step 70 python -m $B.bench_expand_latency --json "$OUT/expand_latency.json"
+step 50 env $T1 python -m $B.bench_expand_latency --json "$OUT/expand_latency_t1.json"
+for f in LORAMUX_FUSED_SAMPLING=auto LORAMUX_TOP_P_SEARCH=1; do
     step 45 env $f python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 0 \
         --temperature 0.8 --top-p 0.9 --skip-hf --json "$OUT/d_top_p_$f.json"
 done
