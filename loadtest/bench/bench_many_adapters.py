@@ -67,8 +67,8 @@ def make_engine(args, cfg, svc: AdapterService):
     sched = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                             max_model_len=max_len, max_loras=args.max_loras,
                             max_adapter_wait_steps=args.max_adapter_wait_steps)
-    dev = torch.device(args.device)
-    engine = build_engine(None, cfg, model_dtype(args), dev, max_len, blocks, sched, [], kernel_backend="auto")
+    engine = build_engine(None, cfg, model_dtype(args), dev := torch.device(args.device), max_len, blocks, sched, [],
+                          kernel_backend="auto")
     attach_adapters(engine, svc, async_copies=False if args.sync_adapter_copies else None)
     if not args.enforce_eager and dev.type == "cuda":
         engine.runner.enable_cuda_graphs(args.max_num_seqs,
@@ -102,12 +102,13 @@ def saturation_rate(engine, args, pick_adapter, vocab: int, seconds: float = 20.
     rng, n, done, tokens, t0 = random.Random(1), 0, 0, 0, time.perf_counter()
     slots = engine.runner.lora_slots
     diag = dict.fromkeys(("steps", "empty_steps", "requests", "step_s", "model_s"), 0.0)
-    copies0, ahead0 = dict(getattr(slots, "copy_seconds", {})), engine.steps_launched_ahead
+    copies0, ahead0, kinds0 = dict(getattr(slots, "copy_seconds", {})), engine.steps_launched_ahead, \
+        dict(engine.runner.step_kinds)
     while time.perf_counter() - t0 < warm + seconds:
         if warm and time.perf_counter() - t0 >= warm:
             warm, done, tokens, t0 = 0.0, 0, 0, time.perf_counter()
-            diag, copies0 = dict.fromkeys(diag, 0.0), dict(getattr(slots, "copy_seconds", {}))
-            ahead0 = engine.steps_launched_ahead
+            diag, copies0, ahead0, kinds0 = dict.fromkeys(diag, 0.0), dict(getattr(slots, "copy_seconds", {})), \
+                engine.steps_launched_ahead, dict(engine.runner.step_kinds)
         while len(engine.requests) < args.max_num_seqs:
             engine.add_request(f"s{n}-{t0}", [rng.randrange(1, vocab) for _ in range(args.prompt_len)], params,
                                pick_adapter(rng))
@@ -121,10 +122,11 @@ def saturation_rate(engine, args, pick_adapter, vocab: int, seconds: float = 20.
             diag[k] += v
     wall = time.perf_counter() - t0
     copies = {k: round(v - copies0.get(k, 0.0), 3) for k, v in getattr(slots, "copy_seconds", {}).items()}
+    kinds = {k: v - kinds0[k] for k, v in engine.runner.step_kinds.items()}
     print(f"  closed loop {wall:.1f} s: {diag['steps']:.0f} steps ({diag['empty_steps']:.0f} with no request), "
           f"{diag['requests'] / max(diag['steps'], 1):.1f} requests per step, step time {diag['step_s']:.2f} s "
-          f"(model {diag['model_s']:.2f} s), {engine.steps_launched_ahead - ahead0} launched ahead; slot-copy seconds "
-          f"{copies}", flush=True)
+          f"(model {diag['model_s']:.2f} s), {engine.steps_launched_ahead - ahead0} launched ahead; launches by path {kinds}; "
+          f"slot-copy seconds {copies}", flush=True)
     drain(engine)
     return done / wall, tokens / wall
 
@@ -251,12 +253,10 @@ def main(argv=None) -> dict:
     # then measures the queue, not the cold load (session 6: warm p50 26 s). The throughput ratio is the closed loop's.
     basis = sat_single[0] if args.rate_basis == "single" else min(sat_single[0], sat_many[0])
     rate = args.rate or args.load * basis
-    arrivals, t = [], 0.0
-    while True:
-        t += rng.expovariate(rate)
-        if t > args.duration:
-            break
+    arrivals = [0.0]
+    while (t := arrivals[-1] + rng.expovariate(rate)) <= args.duration:
         arrivals.append(t)
+    arrivals = arrivals[1:]
     many = rng.choices(ids, weights, k=len(arrivals))
     single = run(engine, svc, args, arrivals, [ids[0]] * len(arrivals), vocab)
     before = svc.stats()

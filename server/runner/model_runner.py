@@ -67,6 +67,7 @@ class ModelRunner:
         self.lora_slots = lora_slots  # runner.lora_slots.LoRASlots or None
         self.staging = HostStaging(self.device)  # the step's packed host buffers (pinned on CUDA)
         self.last_forward_s = 0.0  # see finish()
+        self.step_kinds = {"decode_graph": 0, "mixed_graph": 0, "eager": 0}  # launches by path (benchmarks)
         self.sync_timing = False  # engine benchmark: sync after the forward so last_forward_s is the forward alone
         self._tok_bufs: list[torch.Tensor | None] = [None, None]  # pinned targets of launch()'s device tokens
         self._tok_ring = 0
@@ -190,6 +191,7 @@ class ModelRunner:
                 raise ValueError("ids_from needs a decode-graph or eager step")
             ids = self.graphs.inputs[staged[0]].ids if staged is not None else input_ids
             ids[:n].copy_(ids_from.tokens_dev[:n])
+        self.step_kinds["decode_graph" if staged is not None else "mixed_graph" if mixed is not None else "eager"] += 1
         t0 = time.perf_counter()
         if staged is not None:
             logits = self.graphs.replay(*staged, n)  # every row is sampled
