@@ -92,6 +92,9 @@ def test_staged_on_the_copy_thread_issued_on_the_polling_thread(world, fake_cuda
         time.sleep(0.001)
     assert issued_on == [threading.get_ident()] * 5  # every copy issued here, none on the copy thread
     assert not slots.in_flight() and slots.copy_seconds["staging"] > 0
+    trace = list(slots.copy_trace)  # one entry per copy, its host-side phases in order (bench_many_adapters)
+    assert len(trace) == 5 and all(0 < c["staged"] <= c["issued"] <= c["seen_done"] and c["device"] == 1e-3
+                                   for c in trace)
     for slot in range(5):
         assert all(torch.equal(x, y) for x, y in zip(_real_parts(slots, slot), _real_parts(want, slot)))
     slots.close()
@@ -131,7 +134,7 @@ def test_waiting_for_a_step_issues_copies_as_soon_as_staged(world, fake_cuda, mo
     slots = _slots(cfg, 2, True)
     slots._staging = PinnedStaging(2, pin=False)
     real_stage, issued = slots._stage, []
-    monkeypatch.setattr(slots, "_stage", lambda packed: (time.sleep(0.05), real_stage(packed))[1])
+    monkeypatch.setattr(slots, "_stage", lambda packed, times: (time.sleep(0.05), real_stage(packed, times))[1])
     real_write = slots._write_packed
     monkeypatch.setattr(slots, "_write_packed", lambda *a: (issued.append((threading.get_ident(),
                                                                            time.monotonic())), real_write(*a)))

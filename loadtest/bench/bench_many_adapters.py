@@ -35,12 +35,7 @@ from loramux.server.models.shapes import shape_config
 from loramux.server.runner.warm_up import warm_up as warm_up_kernels
 from loramux.server.runtime import attach_adapters, build_engine
 
-
-def pct(xs: list[float], q: float) -> float:
-    if not xs:
-        return float("nan")
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
+from loramux.loadtest.bench.open_loop import copy_phases, run
 
 
 def model_dtype(args) -> torch.dtype:
@@ -131,61 +126,6 @@ def saturation_rate(engine, args, pick_adapter, vocab: int, seconds: float = 20.
     return done / wall, tokens / wall
 
 
-def run(engine, svc, args, arrivals: list[float], adapters: list[str], vocab: int) -> dict:
-    """Replay the arrivals (seconds from start); per request: cold at arrival?, TTFT, token times."""
-    params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
-    rng = random.Random(2)
-    prompts = [[rng.randrange(1, vocab) for _ in range(args.prompt_len)] for _ in range(16)]
-    reqs: dict[str, dict] = {}
-    loading_steps, steps, batch = 0, 0, 0
-    i, t0 = 0, time.perf_counter()
-    while i < len(arrivals) or engine.has_work():
-        now = time.perf_counter() - t0
-        while i < len(arrivals) and arrivals[i] <= now:
-            rid, aid = f"r{i}", adapters[i]
-            tier = "gpu" if svc.table.is_loaded(aid) else ("cpu" if svc.cache.peek(aid) is not None else "disk")
-            reqs[rid] = {"arrival": arrivals[i], "cold": tier != "gpu", "tier": tier, "times": []}
-            engine.add_request(rid, prompts[i % len(prompts)], params, aid)
-            i += 1
-        if not engine.has_work():
-            time.sleep(max(0.0, min(0.005, arrivals[i] - now)))
-            continue
-        loads = bool(svc.device_slots.in_flight() or svc.loader.loading() or svc._copying)
-        outs = engine.step()
-        t = time.perf_counter() - t0
-        loading_steps += loads
-        steps, batch = steps + 1, batch + engine.last_step.num_requests
-        for o in outs:
-            if o.new_token_ids:
-                reqs[o.request_id]["times"].append((t, loads))
-        if engine.last_step.num_requests == 0:
-            time.sleep(0.0005)
-    wall = time.perf_counter() - t0
-    tokens = sum(len(r["times"]) for r in reqs.values())
-    ttft = {k: [r["times"][0][0] - r["arrival"] for r in reqs.values() if r["cold"] == k and r["times"]]
-            for k in (True, False)}
-    itl_all, itl_loading, itl_quiet = [], [], []
-    for r in reqs.values():
-        if r["cold"]:
-            continue
-        for (a, _), (b, loads) in zip(r["times"], r["times"][1:]):
-            itl_all.append(b - a)
-            (itl_loading if loads else itl_quiet).append(b - a)
-    by_tier = {t: [r["times"][0][0] - r["arrival"] for r in reqs.values() if r["tier"] == t and r["times"]]
-               for t in ("cpu", "disk")}  # cold requests split by where their adapter was at arrival
-    return {"requests": len(reqs), "wall_s": wall, "tok_s": tokens / wall, "cold_requests": len(ttft[True]),
-            "cold_from_cpu": len(by_tier["cpu"]), "cold_from_disk": len(by_tier["disk"]),
-            "ttft_cold_cpu_p50_ms": pct(by_tier["cpu"], 0.5) * 1e3,
-            "ttft_cold_disk_p50_ms": pct(by_tier["disk"], 0.5) * 1e3,
-            "ttft_warm_p50_ms": pct(ttft[False], 0.5) * 1e3, "ttft_cold_p50_ms": pct(ttft[True], 0.5) * 1e3,
-            "ttft_warm_p90_ms": pct(ttft[False], 0.9) * 1e3, "ttft_cold_p90_ms": pct(ttft[True], 0.9) * 1e3,
-            "itl_warm_p50_ms": pct(itl_all, 0.5) * 1e3, "itl_warm_p99_ms": pct(itl_all, 0.99) * 1e3,
-            "itl_warm_loading_p99_ms": pct(itl_loading, 0.99) * 1e3,
-            "itl_warm_quiet_p99_ms": pct(itl_quiet, 0.99) * 1e3,
-            "steps_with_loads": loading_steps, "requests_per_step": batch / max(steps, 1),
-            "max_blocked_steps": engine.scheduler.max_blocked_steps}
-
-
 def counter_deltas(before: dict, after: dict) -> dict:
     """The adapter service's counters (svc.stats()) accrued between two snapshots."""
     return {k: {t: after[k][t] - before[k].get(t, 0) for t in after[k]} if isinstance(after[k], dict)
@@ -260,6 +200,7 @@ def main(argv=None) -> dict:
     many = rng.choices(ids, weights, k=len(arrivals))
     single = run(engine, svc, args, arrivals, [ids[0]] * len(arrivals), vocab)
     before = svc.stats()
+    getattr(svc.device_slots, "copy_trace", []).clear()  # this run's copies only
     result = run(engine, svc, args, arrivals, many, vocab)
     after = svc.stats()
     counters = counter_deltas(before, after)
@@ -276,14 +217,16 @@ def main(argv=None) -> dict:
            # what loads alone cost: the same run's steps with no load in flight (the single run's ITL also lacks
            # the per-step LoRA bytes of ~40 distinct adapters, ~+40% at the byte floor for this workload)
            "itl_p99_increase_vs_quiet": result["itl_warm_loading_p99_ms"] / result["itl_warm_quiet_p99_ms"] - 1.0,
-           "counters": counters, "mb_per_rank": adapter_mb,
+           "counters": counters, "mb_per_rank": adapter_mb, "copy_phases_ms": copy_phases(svc.device_slots),
            "gpu_load_latency": after["load_latency_seconds"]["gpu"], "disk_load_latency":
            after["load_latency_seconds"]["disk"], "wait_seconds": after["wait_seconds"]}
     print(json.dumps({k: v for k, v in out.items() if not k.endswith("latency") and k != "wait_seconds"},
                      indent=1, default=str))
     print(f"TTFT - warm TTFT (p50): adapter in CPU memory {out['ttft_cold_cpu_minus_warm_p50_ms']:.1f} ms "
           f"({result['cold_from_cpu']} requests), on disk "
-          f"{result['ttft_cold_disk_p50_ms'] - result['ttft_warm_p50_ms']:.1f} ms ({result['cold_from_disk']})")
+          f"{result['ttft_cold_disk_p50_ms'] - result['ttft_warm_p50_ms']:.1f} ms ({result['cold_from_disk']}); "
+          f"engine steps from arrival to first token (p50, by tier) {result['steps_to_first_token_p50']} at "
+          f"{result['step_ms_p50']:.1f} ms per step (p50)")
     print(f"closed-loop throughput many/single {out['closed_loop_ratio']:.3f} (target >= 0.85); open loop at "
           f"{rate:.1f} req/s ({args.load} x the {args.rate_basis} saturation rate) {out['throughput_ratio']:.3f}; "
           f"TTFT cold - warm p50 "

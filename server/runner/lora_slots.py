@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -27,6 +28,7 @@ class _Copy:
         self.done = torch.cuda.Event(enable_timing=True)
         self.start = torch.cuda.Event(enable_timing=True)
         self.keep: list[torch.Tensor] = []  # host staging tensors of this copy
+        self.times = {"start": time.perf_counter()}  # + "staged", "issued" (host clock; LoRASlots.copy_trace)
 
 
 class LoRASlots:
@@ -71,6 +73,8 @@ class LoRASlots:
         self.last_copy_seconds = 0.0  # device time of the last completed copy (CUDA) or its wall time (CPU)
         # totals for benchmarks: copy-thread seconds staging into pinned memory / issuing, copy device seconds
         self.copy_seconds = {"staging": 0.0, "issue": 0.0, "device": 0.0}
+        # per completed async copy, host seconds from start_load to staged / issued / seen done, and its device time
+        self.copy_trace: deque[dict[str, float]] = deque(maxlen=4096)
 
     def slot_of(self, adapter_id: str) -> int:
         slot = self.table.lookup(adapter_id)
@@ -102,15 +106,16 @@ class LoRASlots:
             if packed.is_pinned:
                 copy.staged = Future()
                 copy.staged.set_result((None, packed))
+                copy.times["staged"] = copy.times["start"]
             else:
-                copy.staged = self._pool.submit(self._stage, packed)
+                copy.staged = self._pool.submit(self._stage, packed, copy.times)
         else:  # tensor-by-tensor copies block the issuing thread: keep them off the engine thread
             copy.issued = self._pool.submit(self._issue, slot, copy)
         with self._lock:
             self._inflight[slot] = copy
         self._issue_staged()
 
-    def _stage(self, packed) -> tuple:
+    def _stage(self, packed, times: dict) -> tuple:
         """On the copy thread: (reused pinned buffer, the adapter copied into it), or (None, None) when page-locked
         memory is exhausted."""
         t0 = time.perf_counter()
@@ -124,7 +129,8 @@ class LoRASlots:
             self._staging.release(buf, None)
             raise
         finally:
-            self.copy_seconds["staging"] += time.perf_counter() - t0
+            times["staged"] = time.perf_counter()
+            self.copy_seconds["staging"] += times["staged"] - t0
 
     def _issue_staged(self) -> None:
         """Issue, on the calling (engine) thread, every copy whose adapter is now in page-locked memory."""
@@ -148,7 +154,7 @@ class LoRASlots:
     def _issue(self, slot: int, copy: _Copy, staged=None, buf=None) -> None:
         """Queue the copies on the copy stream after the steps queued when the load started; a staged (pinned)
         packed adapter as ~22 strided copies, anything else tensor by tensor."""
-        t0 = time.perf_counter()
+        t0 = copy.times["issued"] = time.perf_counter()
         try:
             with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
                 self._stream.wait_event(copy.after)
@@ -180,6 +186,9 @@ class LoRASlots:
             return False
         self.last_copy_seconds = copy.start.elapsed_time(copy.done) / 1000.0
         self.copy_seconds["device"] += self.last_copy_seconds
+        t = copy.times
+        self.copy_trace.append({"staged": t.get("staged", t["issued"]) - t["start"], "issued": t["issued"] - t["start"],
+                                "seen_done": time.perf_counter() - t["start"], "device": self.last_copy_seconds})
         with self._lock:
             if self._inflight.get(slot) is copy:
                 del self._inflight[slot]
