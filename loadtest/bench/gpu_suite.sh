@@ -116,6 +116,8 @@ step 120 python -m pytest -q -m gpu tests/test_sampling_kernel.py tests/test_top
     -p no:cacheprovider
 step 100 python -m $B.bench_prefill --shape llama3-8b --prompt-len 2048 --repeats 2 --profile \
     --json "$OUT/prefill_profile.json"
+step 60 env LORAMUX_LORA_OVERLAP=0 python -m $B.bench_prefill --shape llama3-8b --prompt-len 2048 --repeats 3 \
+    --json "$OUT/prefill_no_overlap.json"  # does the side-stream shrink slow the compute-bound prefill GEMMs?
 step 70 python -m $B.bench_expand_latency --json "$OUT/expand_latency.json"
 step 50 env $T1 python -m $B.bench_expand_latency --json "$OUT/expand_latency_t1.json"
 for f in LORAMUX_FUSED_SAMPLING=auto LORAMUX_TOP_P_SEARCH=1; do
