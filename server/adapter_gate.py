@@ -36,6 +36,7 @@ class SlotGate:
         self._wanted: set[str] = set()  # adapters of waiting requests: their idle slots are kept...
         self._urgent: set[str] = set()  # ...except from these (past the fairness bound)
         self._slot_owner: dict[int, str] = {}  # last adapter written into each device slot
+        self.arrival_loads = 0  # disk loads started by hint() (on other threads: not in `counters`)
 
     def try_acquire(self, adapter_id: str) -> bool:
         if self.table.is_loaded(adapter_id):
@@ -203,6 +204,24 @@ class SlotGate:
                     log.warning("%s", exc)
             gpu = gpu and aid not in self._urgent
 
+    def hint(self, adapter_id: str) -> bool:
+        """A request for adapter_id has just arrived (any thread; the server calls this before queueing it for the
+        engine thread): start its disk -> CPU load now, while the step in flight runs, instead of at the next
+        schedule (one step less for a request whose adapter is on disk). Only while the adapters waiting requests
+        want fill at most half the CPU cache, so a hint never evicts what prefetch's window keeps. True if a load
+        was started."""
+        if adapter_id in self.cache or self.table.is_loaded(adapter_id) or self.loader.in_flight(adapter_id):
+            return False
+        room, budget = len(self._wanted) + 1, self.cache.max_bytes
+        if room > self.cache.max_adapters // 2 or (budget is not None and
+                                                   room * self.cache.mean_nbytes() > budget // 2):
+            return False
+        self.loader.request(adapter_id)
+        if not self.loader.in_flight(adapter_id):  # recently failed, or cached meanwhile
+            return False
+        self.arrival_loads += 1
+        return True
+
     def gate_stats(self) -> dict:
         c = self.counters
         return {"slots_loading": len(self._copying),
@@ -210,7 +229,7 @@ class SlotGate:
                 "waits_total": c["waits"],
                 "prefetches_total": {"gpu": c["prefetch_gpu"], "disk": c["prefetch_disk"]},
                 "prefetch_hits_total": {"gpu": c["prefetch_hits_gpu"], "cpu": c["prefetch_hits_cpu"]},
-                "prefetch_wasted_total": c["prefetch_wasted"],
+                "prefetch_wasted_total": c["prefetch_wasted"], "arrival_loads_total": self.arrival_loads,
                 "load_seconds_total": {"gpu": self.load_seconds["gpu"],
                                        "disk": self.loader.latency.snapshot()["sum"]},
                 "load_latency_seconds": {"gpu": self.gpu_latency.snapshot(),

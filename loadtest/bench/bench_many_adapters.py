@@ -131,7 +131,7 @@ def counter_deltas(before: dict, after: dict) -> dict:
     return {k: {t: after[k][t] - before[k].get(t, 0) for t in after[k]} if isinstance(after[k], dict)
             else after[k] - before[k] for k in ("loads_total", "evictions_total", "prefetches_total",
                                                 "prefetch_hits_total", "waits_total", "prefetch_wasted_total",
-                                                "disk_load_phase_seconds")}
+                                                "arrival_loads_total", "disk_load_phase_seconds")}
 
 
 def main(argv=None) -> dict:
@@ -164,6 +164,8 @@ def main(argv=None) -> dict:
                    help="CUDA graphs for steps with prompt tokens too (the server's --mixed-step-graphs)")
     p.add_argument("--packed-cache", choices=("on", "off"), default="on",
                    help="packed adapter files on disk (as the server: a reload maps the file the first load wrote)")
+    p.add_argument("--arrival-hints", choices=("on", "off"), default="on",
+                   help="start an adapter's disk load when its request arrives (as the server does), mid-step")
     p.add_argument("--closed-loop-only", action="store_true", help="stop after the two closed-loop runs")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu: smoke runs only")
     p.add_argument("--json", type=Path)

@@ -4,6 +4,7 @@ first token, by where the adapter was; each slot copy's host-side phases)."""
 from __future__ import annotations
 
 import random
+import threading
 import time
 
 from loramux.server.engine.request import SamplingParams
@@ -16,19 +17,38 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
+def _tier(svc, aid: str) -> str:
+    return "gpu" if svc.table.is_loaded(aid) else ("cpu" if svc.cache.peek(aid) is not None else "disk")
+
+
+def _hint_at_arrivals(engine, svc, arrivals: list[float], adapters: list[str], t0: float, tiers: dict,
+                      stop: threading.Event) -> None:
+    """As the server does on its event-loop thread: at each arrival time note where the adapter is (tiers) and
+    hint it, while the engine thread may be inside a step (the request is added at the next step boundary)."""
+    for i, (at, aid) in enumerate(zip(arrivals, adapters)):
+        if stop.wait(max(0.0, t0 + at - time.perf_counter())):
+            return
+        tiers[i] = _tier(svc, aid)
+        engine.hint_adapter(aid)
+
+
 def run(engine, svc, args, arrivals: list[float], adapters: list[str], vocab: int) -> dict:
-    """Replay the arrivals (seconds from start); per request: cold at arrival?, TTFT, token times."""
+    """Replay the arrivals (seconds from start); per request: cold at arrival?, TTFT, token times. With
+    args.arrival_hints == "on", adapters are hinted at arrival from another thread, as the server does."""
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
     rng = random.Random(2)
     prompts = [[rng.randrange(1, vocab) for _ in range(args.prompt_len)] for _ in range(16)]
     reqs: dict[str, dict] = {}
     loading_steps, steps, batch, step_ends = 0, 0, 0, []
-    i, t0 = 0, time.perf_counter()
+    i, t0, stop, tiers = 0, time.perf_counter(), threading.Event(), {}
+    if getattr(args, "arrival_hints", "off") == "on":
+        threading.Thread(target=_hint_at_arrivals, args=(engine, svc, arrivals, adapters, t0, tiers, stop),
+                         daemon=True).start()
     while i < len(arrivals) or engine.has_work():
         now = time.perf_counter() - t0
         while i < len(arrivals) and arrivals[i] <= now:
             rid, aid = f"r{i}", adapters[i]
-            tier = "gpu" if svc.table.is_loaded(aid) else ("cpu" if svc.cache.peek(aid) is not None else "disk")
+            tier = tiers.get(i) or _tier(svc, aid)  # where the adapter was at arrival
             reqs[rid] = {"arrival": arrivals[i], "cold": tier != "gpu", "tier": tier, "times": [], "step": steps}
             engine.add_request(rid, prompts[i % len(prompts)], params, aid)
             i += 1
@@ -48,6 +68,7 @@ def run(engine, svc, args, arrivals: list[float], adapters: list[str], vocab: in
         if engine.last_step.num_requests == 0:
             time.sleep(0.0005)
     wall = time.perf_counter() - t0
+    stop.set()
     tokens = sum(len(r["times"]) for r in reqs.values())
     ttft = {k: [r["times"][0][0] - r["arrival"] for r in reqs.values() if r["cold"] == k and r["times"]]
             for k in (True, False)}

@@ -136,6 +136,7 @@ class AsyncEngine:
         stops = StopStringMatcher(params.stop)
         finished = False
         num_output = 0
+        self.engine.hint_adapter(adapter_id)  # its disk load may start while the step in flight runs
         self._commands.put(("add", request_id, prompt_ids, params, adapter_id, tenant))
         self._wake.set()
         try:

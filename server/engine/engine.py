@@ -66,6 +66,16 @@ class Engine:
         self.scheduler.add(req)
         return req
 
+    def hint_adapter(self, adapter_id: str | None) -> None:
+        """A request for adapter_id is about to be added (callable from any thread): lets the gate start loading
+        it now (SlotGate.hint). Never raises: the request itself reports any problem with the adapter."""
+        hint = getattr(self.scheduler.gate, "hint", None)
+        if adapter_id is not None and hint is not None:
+            try:
+                hint(adapter_id)
+            except Exception:  # noqa: BLE001 - a hint is advisory
+                log.debug("adapter hint for %r failed", adapter_id, exc_info=True)
+
     def abort(self, request_id: str) -> bool:
         req = self.scheduler.abort(request_id)
         self.requests.pop(request_id, None)
