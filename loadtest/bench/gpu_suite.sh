@@ -16,7 +16,7 @@
 #   GPU tests of the sampling / slot-copy defaults, expand latency (bench_expand_latency) and decode with the
 #   experimental LoRA switches against the defaults, the LoRA GPU tests with one-token tiles + tile table, ~9 min;
 #   `s10` = the call after it: prefill kernel table, 1,000 adapters, LoRA cost per path, ~7 min; `one` = the
-#   decisions of both in one call, ~10 min)
+#   decisions of both in one call, ~10 min; `t1` = decode with T1 against the defaults and T1's LoRA GPU tests, ~3.5 min)
 # Run from the repository root with the package importable (pip install -e . or PYTHONPATH, see DESIGN.md §9).
 set -u
 OUT=${OUT:-out/gpu-suite}
@@ -101,6 +101,15 @@ for f in LORAMUX_FUSED_SAMPLING=0 LORAMUX_FUSED_SAMPLING=auto LORAMUX_TOP_P_SEAR
     step 45 env $f python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 0 \
         --temperature 0.8 --top-p 0.9 --skip-hf --json "$OUT/d_top_p_$f.json"
 done
+fi
+if [ "$PART" = t1 ]; then  # the shortest decision call (~3.5 min): decode with one-token tiles from the tile table
+    # (T1) beside the defaults, then T1's LoRA GPU tests
+T1="LORAMUX_LORA_TILE_TABLE=1 LORAMUX_LORA_EXPAND_BM1=1"
+step 50 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 1,32 --skip-hf --json "$OUT/p_base.json"
+step 50 env $T1 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 1,32 --skip-hf \
+    --json "$OUT/p_t1.json"
+step 100 env $T1 python -m pytest -q -m gpu tests/test_lora_kernels_gpu.py tests/test_lora_paths_gpu.py \
+    -p no:cacheprovider
 fi
 if [ "$PART" = one ]; then  # s9 + s10's decisions in one call, for a session that may get a single one: decode
     # with one-token tiles from the tile table (T1) against the defaults, T1's LoRA GPU tests, the GPU tests of
