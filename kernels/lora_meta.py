@@ -1,5 +1,5 @@
 """Per-step LoRA metadata: tokens grouped by adapter slot (counting sort on the device, CUDA-graph capturable)
-and, with LORAMUX_LORA_TILE_TABLE=1, the token tiles the expand kernels walk, precomputed."""
+and (LORAMUX_LORA_TILE_TABLE, on by default) the token tiles the expand kernels walk, precomputed."""
 from __future__ import annotations
 
 import os
@@ -7,15 +7,24 @@ from dataclasses import dataclass
 
 import torch
 
-# Experimental, off: the decode expand kernels (lora_triton, lora_mlp_triton, lora_qkv_triton) read each program's
-# slot and token ids from a table built here, and pick the slot's rank and scale out of vectors loaded beside it:
-# one dependent memory round trip before the tile's data instead of three (segment starts -> rank -> token ids).
-TILE_TABLE = os.environ.get("LORAMUX_LORA_TILE_TABLE", "0") == "1"
-# Experimental, off: decode expands (T <= BM1_MAX_T) take one token per program (as Punica's BGMV), not a 16-row
-# tile of one slot's tokens: the grid is exactly T token programs (a tile grid must also cover one partial tile per
-# slot, so with few adapters most of its programs have no work), and at one token per slot no tile rows go unused.
-EXPAND_BM1 = os.environ.get("LORAMUX_LORA_EXPAND_BM1", "0") == "1"
+# On by default since session 11 (H100 decode, with EXPAND_BM1 and lora_triton.REDUCE_PARTIALS: docs/performance.md;
+# `0` restores the in-kernel segment walk). The expand kernels (lora_triton, lora_mlp_triton, lora_qkv_triton) read
+# each program's slot and token ids from a table built here, and pick the slot's rank and scale out of vectors
+# loaded beside it: one dependent memory round trip before the tile's data instead of three (segment starts -> rank
+# -> token ids).
+TILE_TABLE = os.environ.get("LORAMUX_LORA_TILE_TABLE", "1") != "0"
+# On by default since session 11 (as TILE_TABLE): decode expands (T <= BM1_MAX_T) take one token per program (as
+# Punica's BGMV), not a 16-row tile of one slot's tokens: the grid is exactly T token programs (a tile grid must
+# also cover one partial tile per slot, so with few adapters most of its programs have no work), and at one token
+# per slot no tile rows go unused.
+EXPAND_BM1 = os.environ.get("LORAMUX_LORA_EXPAND_BM1", "1") != "0"
 BM1_MAX_T = 64
+# Experimental (default 64 = as measured): token rows per expand tile above 256 tokens. At 64 rows the prefill
+# expands compile to 182-238 registers per thread on sm_90 (tests/sm90_compile.py), so an SM holds only 8 warps of
+# a memory-bound kernel: the 2048-token profile has the fused gate|up expand at 3x the SiLU*mul it replaces.
+PREFILL_EXPAND_BM = int(os.environ.get("LORAMUX_LORA_PREFILL_EXPAND_BM", "64"))
+if PREFILL_EXPAND_BM not in (16, 32, 64):
+    raise ValueError(f"LORAMUX_LORA_PREFILL_EXPAND_BM={PREFILL_EXPAND_BM}; expected 16, 32 or 64")
 
 
 def block_m(T: int) -> int:
@@ -25,7 +34,9 @@ def block_m(T: int) -> int:
 
 def expand_block_m(T: int) -> int:
     """Token rows per tile of the expand kernels (EXPAND_BM1: one at decode sizes)."""
-    return 1 if EXPAND_BM1 and T <= BM1_MAX_T else block_m(T)
+    if EXPAND_BM1 and T <= BM1_MAX_T:
+        return 1
+    return min(PREFILL_EXPAND_BM, 64) if T > 256 else block_m(T)
 
 
 def expand_tiles(T: int, groups: int) -> int:

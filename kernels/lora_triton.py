@@ -206,10 +206,23 @@ def add_lora(y, x, a_stack, b_stack, ranks, scales, slice_offsets, meta, split_k
     expand(y, buf, b_stack, ranks, scales, slice_offsets, meta)
 
 
-# Experimental, off: a decode shrink's split-K partials summed by one extra launch right after it (on the side
-# stream when overlapped), so every expand program loads one [T, L*R] tile instead of P. The session-8 profile puts
-# the expands (on the critical path) at 6-12 us where the ops they fuse take 2 us; the shrinks are mostly hidden.
-REDUCE_PARTIALS = os.environ.get("LORAMUX_LORA_REDUCE_PARTIALS", "0") == "1"
+# On by default (session 11, H100: with TILE_TABLE and EXPAND_BM1, decode D = 32 8.07 vs 8.84 ms, D = 1 even): a
+# decode shrink's split-K partials summed by one extra launch right after it (on the side stream when overlapped),
+# so every expand program loads one [T, L*R] tile instead of P. The sum adds the partials in the order the expands
+# add them (_partials_h), so either way gives bit-equal outputs at every T (torch.sum's order depends on the shape:
+# mixed-step graphs, which pad T, then drifted from eager steps in bf16).
+REDUCE_PARTIALS = os.environ.get("LORAMUX_LORA_REDUCE_PARTIALS", "1") != "0"
+
+
+@triton.jit
+def _sum_partials_kernel(buf_ptr, n, P: tl.constexpr, BLOCK: tl.constexpr):
+    # buf: fp32 [P + 1, n]; buf[P] = ((buf[0] + buf[1]) + ...) + buf[P - 1], in _partials_h's order
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    acc = tl.load(buf_ptr + offs, mask=ok, other=0.0)
+    for p in tl.static_range(1, P):
+        acc += tl.load(buf_ptr + p * n + offs, mask=ok, other=0.0)
+    tl.store(buf_ptr + P * n + offs, acc, mask=ok)
 
 
 def new_partials(x, a_stack, ranks, split_k: int | None = None) -> torch.Tensor:
@@ -233,7 +246,8 @@ def shrink_partials(x, a_stack, ranks, meta, buf, split_k: int | None = None) ->
     shrink(x, a_stack, ranks, meta, buf[:parts], plan)
     if buf.shape[0] == parts:
         return buf
-    torch.sum(buf[:parts], 0, out=buf[parts])  # cells never written sum garbage that no expand reads
+    n = buf[0].numel()  # cells never written sum garbage that no expand reads
+    _sum_partials_kernel[(cdiv(n, 1024),)](buf, n, P=parts, BLOCK=1024, num_warps=4)
     return buf[parts:]
 
 

@@ -145,10 +145,10 @@ def _check_switches() -> None:
     one-line error and exit 2, not a traceback minutes later."""
     from loramux.kernels.backend import env_mode
     from loramux.server.engine.engine import ASYNC_DECODE_ENV
-    from loramux.server.engine.sampler import FUSED_SAMPLING_ENV, TOP_P_SEARCH_ENV
+    from loramux.server.engine.sampler import FUSED_SAMPLING_ENV
     from loramux.server.models.model_config import ModelLoadError
 
-    for name in (ASYNC_DECODE_ENV, FUSED_SAMPLING_ENV, TOP_P_SEARCH_ENV):
+    for name in (ASYNC_DECODE_ENV, FUSED_SAMPLING_ENV):
         try:
             env_mode(name)
         except ValueError as exc:

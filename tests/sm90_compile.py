@@ -151,8 +151,6 @@ def small_op_calls(quick: bool):
     from loramux.kernels.sampling_triton import gumbel_argmax
     logits, meta = torch.empty(32, 128256), torch.zeros(32, 7, dtype=torch.float64)
     yield "gumbel_argmax fp32", lambda: gumbel_argmax(logits, meta, torch.zeros(32))
-    from loramux.kernels.top_p_triton import top_p_threshold
-    yield "top_p_threshold fp32", lambda: top_p_threshold(logits, torch.full((32,), 0.9))
 
 
 def main(quick: bool, shard: int = 0, shards: int = 1) -> dict:

@@ -54,28 +54,30 @@ def test_decode_launch_knobs():
 
 
 @pytest.mark.skipif(not HAS_TRITON or INTERPRET, reason="needs triton; in-process when already interpreted")
-def test_reduce_partials_knob():
-    """LORAMUX_LORA_REDUCE_PARTIALS=1: a decode shrink's P split-K partials get one more slice holding their sum,
-    which is what the expand then reads (one partial); the LoRA paths stay correct and the fused MLP expand stays
-    bit-equal to the unfused chain (test_lora_mlp's split_k case: K = 1024, two partials)."""
+def test_summed_partials_default_and_switch_off():
+    """LORAMUX_LORA_REDUCE_PARTIALS (on by default): a decode shrink's P split-K partials get one more slice holding
+    their sum, added in the order the expands add them (buf[0] + buf[1] + ...), which is what the expand then reads;
+    with the switch at 0 there is no extra slice and the fused MLP expand stays bit-equal to the unfused chain."""
     import os
     import subprocess
     import sys
 
-    env = {"LORAMUX_LORA_REDUCE_PARTIALS": "1"}
     code = ("import torch; from loramux.kernels import lora_triton as t; from loramux.kernels.lora import "
-            "build_lora_meta; x = torch.randn(32, 1024); a = torch.randn(2, 16, 1024); r = torch.tensor([[16], [5]],"
+            "build_lora_meta; x = torch.randn(32, 2048); a = torch.randn(2, 16, 2048); r = torch.tensor([[16], [5]],"
             " dtype=torch.int32); meta = build_lora_meta(torch.tensor([0, 1] * 16), 2); buf = t.new_partials(x, a, r);"
             " out = t.shrink_partials(x, a, r, meta, buf); want = torch.einsum('tk,tjk->tj', x, a[[0, 1] * 16]); "
             "ok = torch.tensor([[True] * 16, [True] * 5 + [False] * 11])[[0, 1] * 16]; "
+            "seq = ((buf[0] + buf[1]) + buf[2]) + buf[3]; "
             "print(buf.shape[0], out.shape[0], torch.allclose(out[0][ok], want[ok], rtol=1e-4, atol=1e-3), "
-            "torch.equal(out[0][ok], buf[:-1].sum(0)[ok]))")  # unwritten cells hold garbage (never read)
-    full = dict(os.environ, TRITON_INTERPRET="1", LORAMUX_KERNEL_BACKEND="", **env)
+            "torch.equal(out[0][ok], seq[ok]))")  # unwritten cells hold garbage (never read)
+    full = dict(os.environ, TRITON_INTERPRET="1", LORAMUX_KERNEL_BACKEND="")
+    full.pop("LORAMUX_LORA_REDUCE_PARTIALS", None)
     p = subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True)
-    assert p.stdout.split() == ["3", "1", "True", "True"], p.stdout + p.stderr[-3000:]  # 2 partials + their sum
+    assert p.stdout.split() == ["5", "1", "True", "True"], p.stdout + p.stderr[-3000:]  # 4 partials + their sum
     tests = os.path.dirname(__file__)
-    env.update({"LORAMUX_KERNEL_BACKEND": "", "LORAMUX_FUSED_OPS_BACKEND": ""})
+    env = {"LORAMUX_KERNEL_BACKEND": "", "LORAMUX_FUSED_OPS_BACKEND": "", "LORAMUX_LORA_REDUCE_PARTIALS": "0"}
     run_triton_cases(os.path.join(tests, "test_lora_mlp.py"), "triton and split_k", env)
+    run_triton_cases(os.path.join(tests, "test_lora_kernels.py"), "triton and split_k", env)
 
 
 @pytest.mark.skipif(not HAS_TRITON or INTERPRET, reason="needs triton; in-process when already interpreted")

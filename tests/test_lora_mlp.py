@@ -16,6 +16,7 @@ CASES = {  # name: (T, K, I, R, rank choices, slots override)
     "split_k": (20, 1024, 40, 16, None, None),  # K >= 1024: the shrink writes 2 partial sums
     "no_adapter": (11, 48, 40, 16, None, -1),
     "one_slot": (70, 48, 40, 16, None, 2),  # tiles of one segment only
+    "prefill": (300, 48, 40, 16, None, None),  # T > 256: prefill tile rows (lora_meta.PREFILL_EXPAND_BM)
 }
 
 

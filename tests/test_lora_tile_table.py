@@ -1,4 +1,4 @@
-"""LORAMUX_LORA_TILE_TABLE: the per-step tile table (kernels/lora_meta.py) lists exactly the tiles the kernels'
+"""LORAMUX_LORA_TILE_TABLE (on by default): the per-step tile table (kernels/lora_meta.py) lists exactly the tiles the kernels'
 in-kernel numbering finds, and the expand kernels reading it stay correct (Triton interpreter, subprocess)."""
 import os
 
@@ -30,52 +30,70 @@ def reference_tiles(meta: LoRAMeta, T: int, S: int) -> tuple[list[int], list[lis
     return slots + [S + 1] * pad, toks + [[-1] * bm] * pad
 
 
-@pytest.mark.parametrize("bm1", [False, True])
+@pytest.mark.parametrize("bm1, prefill_bm", [(False, 64), (True, 64), (True, 16)])
 @pytest.mark.parametrize("T", [1, 2, 15, 16, 17, 64, 65, 200, 256, 300])
-def test_table_matches_the_tile_numbering(T, bm1, monkeypatch):
+def test_table_matches_the_tile_numbering(T, bm1, prefill_bm, monkeypatch):
     monkeypatch.setattr(lora_meta, "TILE_TABLE", True)
     monkeypatch.setattr(lora_meta, "EXPAND_BM1", bm1)  # one-token tiles up to T = 64
+    monkeypatch.setattr(lora_meta, "PREFILL_EXPAND_BM", prefill_bm)  # tile rows above T = 256
     g = torch.Generator().manual_seed(T)
     S = 6
     for slots in (torch.randint(-1, S, (T,), generator=g), torch.full((T,), 3), torch.full((T,), -1)):
         for out in (None, LoRAMeta.empty(512, S, "cpu")):  # sized for T, and preallocated for a larger T
             meta = build_lora_meta(slots, S, out=out)
             nt, bm = tile_count(T, S), expand_block_m(T)
-            assert bm == (1 if bm1 and T <= 64 else 16 if T <= 64 else 32 if T <= 256 else 64)
+            assert bm == (1 if bm1 and T <= 64 else 16 if T <= 64 else 32 if T <= 256 else prefill_bm)
             want_slots, want_toks = reference_tiles(meta, T, S)
             assert meta.tile_slot[:nt].tolist() == want_slots
             assert meta.tile_tok[:nt * bm].view(nt, bm).tolist() == want_toks
 
 
-def test_no_table_unless_switched_on(monkeypatch):
+def test_no_table_when_switched_off(monkeypatch):
     monkeypatch.setattr(lora_meta, "TILE_TABLE", False)
     assert build_lora_meta(torch.tensor([0, -1, 1]), 2).tile_slot is None
 
 
 @pytest.mark.skipif(not HAS_TRITON or INTERPRET, reason="needs triton; in-process when already interpreted")
-def test_expand_kernels_with_the_table():
-    """Every expand kernel (plain, + SiLU*mul, + RoPE/KV) reading the table: correct vs the references, the fused
-    ones bit-equal to the unfused chain."""
+def test_expand_kernels_with_the_segment_walk():
+    """LORAMUX_LORA_TILE_TABLE=0 LORAMUX_LORA_EXPAND_BM1=0 (the table and one-token tiles are the defaults, so the
+    other Triton cases run those): every expand kernel (plain, + SiLU*mul, + RoPE/KV) finding its tiles from the
+    segment starts is correct vs the references, the fused ones bit-equal to the unfused chain."""
     from triton_interp import run_triton_cases
 
     tests = os.path.dirname(__file__)
-    env = {"LORAMUX_KERNEL_BACKEND": "", "LORAMUX_FUSED_OPS_BACKEND": "", "LORAMUX_LORA_TILE_TABLE": "1"}
+    env = {"LORAMUX_KERNEL_BACKEND": "", "LORAMUX_FUSED_OPS_BACKEND": "", "LORAMUX_LORA_TILE_TABLE": "0",
+           "LORAMUX_LORA_EXPAND_BM1": "0"}
     run_triton_cases(os.path.join(tests, "test_lora_kernels.py"), "triton and (shrink_then_expand or expand)", env)
     run_triton_cases(os.path.join(tests, "test_lora_mlp.py"), "triton and (split_k or mixed)", env)
     run_triton_cases(os.path.join(tests, "test_lora_qkv.py"), "triton", env)
 
 
 @pytest.mark.skipif(not HAS_TRITON or INTERPRET, reason="needs triton; in-process when already interpreted")
-def test_expand_kernels_one_token_per_program():
-    """LORAMUX_LORA_EXPAND_BM1: decode expands with one-token tiles (no dot: exact fp32 products), from the in-kernel
-    numbering and from the tile table; the fused expands stay bit-equal to the unfused chain."""
+def test_expand_kernels_each_switch_alone():
+    """One-token tiles from the in-kernel numbering (no table), and the table with tiles of 16 rows: the fused
+    expands stay correct and bit-equal to the unfused chain."""
     from triton_interp import run_triton_cases
 
     tests = os.path.dirname(__file__)
-    env = {"LORAMUX_KERNEL_BACKEND": "", "LORAMUX_FUSED_OPS_BACKEND": "", "LORAMUX_LORA_EXPAND_BM1": "1"}
+    env = {"LORAMUX_KERNEL_BACKEND": "", "LORAMUX_FUSED_OPS_BACKEND": "", "LORAMUX_LORA_TILE_TABLE": "0"}
     run_triton_cases(os.path.join(tests, "test_lora_kernels.py"), "triton and (shrink_then_expand or expand)", env)
     run_triton_cases(os.path.join(tests, "test_lora_mlp.py"), "triton and (split_k or mixed)", env)
     run_triton_cases(os.path.join(tests, "test_lora_qkv.py"), "triton", env)
-    env["LORAMUX_LORA_TILE_TABLE"] = "1"
+    env.update(LORAMUX_LORA_TILE_TABLE="1", LORAMUX_LORA_EXPAND_BM1="0")
     run_triton_cases(os.path.join(tests, "test_lora_mlp.py"), "triton and mixed", env)
     run_triton_cases(os.path.join(tests, "test_lora_qkv.py"), "triton", env)
+
+
+@pytest.mark.skipif(not HAS_TRITON or INTERPRET, reason="needs triton; in-process when already interpreted")
+@pytest.mark.parametrize("bm, table", [("16", "1"), ("32", "0")])
+def test_prefill_expand_tile_rows(bm, table):
+    """LORAMUX_LORA_PREFILL_EXPAND_BM (experimental, default 64): prefill-sized steps (T = 300) with 16- or 32-row
+    expand tiles, from the table and from the segment walk: every expand kernel stays correct."""
+    from triton_interp import run_triton_cases
+
+    tests = os.path.dirname(__file__)
+    env = {"LORAMUX_KERNEL_BACKEND": "", "LORAMUX_FUSED_OPS_BACKEND": "", "LORAMUX_LORA_PREFILL_EXPAND_BM": bm,
+           "LORAMUX_LORA_TILE_TABLE": table}
+    run_triton_cases(os.path.join(tests, "test_lora_kernels.py"), "triton and long_segments", env)
+    run_triton_cases(os.path.join(tests, "test_lora_mlp.py"), "triton and prefill", env)
+    run_triton_cases(os.path.join(tests, "test_lora_qkv.py"), "triton and prefill", env)

@@ -14,8 +14,9 @@ pytest.importorskip("triton")
 
 @pytest.mark.parametrize("extra", [{"LORAMUX_FUSED_LORA_MLP": "0", "LORAMUX_FUSED_LORA_QKV": "0"},
                                    {"LORAMUX_FUSED_LORA_MLP": "1", "LORAMUX_FUSED_LORA_QKV": "1"},
-                                   {"LORAMUX_LORA_TILE_TABLE": "1", "LORAMUX_LORA_EXPAND_BM1": "1"}],
-                         ids=["two-launch", "fused-expands", "one-token-tiles-from-the-table"])
+                                   {"LORAMUX_LORA_TILE_TABLE": "0", "LORAMUX_LORA_EXPAND_BM1": "0",
+                                    "LORAMUX_LORA_REDUCE_PARTIALS": "0"}],
+                         ids=["two-launch", "fused-expands", "segment-walk-tiles"])
 def test_peft_equivalence_through_triton_interpreter(extra):
     env = dict(os.environ, TRITON_INTERPRET="1", LORAMUX_KERNEL_BACKEND="triton", **extra)
     tests = Path(__file__).parent

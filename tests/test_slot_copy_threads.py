@@ -150,3 +150,39 @@ def test_waiting_for_a_step_issues_copies_as_soon_as_staged(world, fake_cuda, mo
     slots.wait_for(idle)  # nothing in flight: one blocking wait, no polling
     assert idle.syncs == 1 and idle.query()
     slots.close()
+
+
+def test_copy_waits_only_for_steps_that_read_its_slot(world, fake_cuda):
+    """A copy into a slot waits for the last queued step whose tokens use that slot (ModelRunner.launch ->
+    note_use), not for every queued step: a copy into a slot no queued step reads starts beside the step in flight."""
+    cfg, loaded = world
+    ads = [ad for ad in loaded if ad.packed is not None][:3]
+    slots = _slots(cfg, 3, True)
+    slots._staging = PinnedStaging(2, pin=False)
+    waited = []
+
+    class _Recording(_Stream):
+        def wait_event(self, event):
+            super().wait_event(event)
+            waited.append(event)
+
+    slots._stream = _Recording()
+
+    def load(slot, ad):
+        slots.start_load(slot, ad)
+        deadline = time.monotonic() + 30
+        while not slots.ready(slot):
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+
+    slots.note_use([0, -1, 0, 2])  # a step reading slots 0 and 2
+    step_a = slots.last_use[0]
+    assert slots.last_use == {0: step_a, 2: step_a}
+    load(1, ads[0])
+    assert waited == []  # no queued step reads slot 1
+    slots.note_use([2])
+    step_b = slots.last_use[2]
+    load(0, ads[1])
+    load(2, ads[2])
+    assert waited == [step_a, step_b] and step_a is not step_b
+    slots.close()

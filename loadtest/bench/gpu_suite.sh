@@ -16,7 +16,9 @@
 #   GPU tests of the sampling / slot-copy defaults, expand latency (bench_expand_latency) and decode with the
 #   experimental LoRA switches against the defaults, the LoRA GPU tests with one-token tiles + tile table, ~9 min;
 #   `s10` = the call after it: prefill kernel table, 1,000 adapters, LoRA cost per path, ~7 min; `one` = the
-#   decisions of both in one call, ~10 min; `t1` = decode with T1 against the defaults and T1's LoRA GPU tests, ~3.5 min)
+#   decisions of both in one call, ~10 min; `t1` = decode with T1 against the defaults and T1's LoRA GPU tests, ~3.5 min;
+#   `s12` = session 11's changes: GPU tests with the new LoRA defaults, decode new vs old, prefill expand tile rows,
+#   1,000 adapters, ~9.5 min)
 # Run from the repository root with the package importable (pip install -e . or PYTHONPATH, see DESIGN.md §9).
 set -u
 OUT=${OUT:-out/gpu-suite}
@@ -87,7 +89,7 @@ step 50 env $T1 python -m $B.bench_expand_latency --json "$OUT/expand_latency_t1
 step 60 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 0,1,32 --skip-hf --json "$OUT/p_base.json"
 step 50 env $T1 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 1,32 --skip-hf \
     --json "$OUT/p_t1.json"
-step 120 python -m pytest -q -m gpu tests/test_sampling_kernel.py tests/test_top_p_kernel.py \
+step 120 python -m pytest -q -m gpu tests/test_sampling_kernel.py \
     tests/test_many_adapters_gpu.py tests/test_engine_gpu.py -k "gpu_kernel or gpu_at or copy or churn or async" \
     -p no:cacheprovider
 step 100 env $T1 python -m pytest -q -m gpu tests/test_lora_kernels_gpu.py tests/test_lora_paths_gpu.py \
@@ -96,10 +98,10 @@ for v in LORAMUX_LORA_TILE_TABLE LORAMUX_LORA_EXPAND_BM1 LORAMUX_LORA_TILES_SLOW
     step 50 env $v=1 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 1,32 --skip-hf \
         --json "$OUT/p_$v.json"
 done
-for f in LORAMUX_FUSED_SAMPLING=0 LORAMUX_FUSED_SAMPLING=auto LORAMUX_TOP_P_SEARCH=1; do  # top-p: torch, sort
-    # bound + fused noise/argmax (the default), searched bound (kernels/top_p_triton.py)
+for f in LORAMUX_FUSED_SAMPLING=0 LORAMUX_FUSED_SAMPLING=auto; do  # top-p: torch; sort bound + fused
+    # noise/argmax (the default)
     step 45 env $f python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 0 \
-        --temperature 0.8 --top-p 0.9 --skip-hf --json "$OUT/d_top_p_$f.json"
+        --temperature 0.8 --top-p 0.9 --skip-hf --json "$OUT/d_top_p_${f//=/_}.json"
 done
 fi
 if [ "$PART" = t1 ]; then  # the shortest decision call (~3.5 min): decode with one-token tiles from the tile table
@@ -120,7 +122,7 @@ step 50 env $T1 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --ad
     --json "$OUT/p_t1.json"
 step 100 env $T1 python -m pytest -q -m gpu tests/test_lora_kernels_gpu.py tests/test_lora_paths_gpu.py \
     tests/test_engine_gpu.py -k "not bf16_logits and not mixed_step and not async" -p no:cacheprovider
-step 120 python -m pytest -q -m gpu tests/test_sampling_kernel.py tests/test_top_p_kernel.py \
+step 120 python -m pytest -q -m gpu tests/test_sampling_kernel.py \
     tests/test_many_adapters_gpu.py tests/test_engine_gpu.py -k "gpu_kernel or gpu_at or copy or churn or async" \
     -p no:cacheprovider
 step 100 python -m $B.bench_prefill --shape llama3-8b --prompt-len 2048 --repeats 2 --profile \
@@ -129,10 +131,30 @@ step 60 env LORAMUX_LORA_OVERLAP=0 python -m $B.bench_prefill --shape llama3-8b 
     --json "$OUT/prefill_no_overlap.json"  # does the side-stream shrink slow the compute-bound prefill GEMMs?
 step 70 python -m $B.bench_expand_latency --json "$OUT/expand_latency.json"
 step 50 env $T1 python -m $B.bench_expand_latency --json "$OUT/expand_latency_t1.json"
-for f in LORAMUX_FUSED_SAMPLING=auto LORAMUX_TOP_P_SEARCH=1; do
+for f in LORAMUX_FUSED_SAMPLING=0 LORAMUX_FUSED_SAMPLING=auto; do
     step 45 env $f python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 0 \
-        --temperature 0.8 --top-p 0.9 --skip-hf --json "$OUT/d_top_p_$f.json"
+        --temperature 0.8 --top-p 0.9 --skip-hf --json "$OUT/d_top_p_${f//=/_}.json"
 done
+fi
+if [ "$PART" = s12 ]; then  # session 11's changes, decisions first (~9.5 min): the LoRA / engine GPU tests with the
+    # new defaults (one-token expand tiles from the table, partials summed by an ordered launch), decode against the
+    # old defaults, prefill TTFT with 32- and 16-row expand tiles, 1,000 adapters with copies that wait only for the
+    # steps reading their slot, then the prefill kernel table with 16-row tiles
+OLD="LORAMUX_LORA_TILE_TABLE=0 LORAMUX_LORA_EXPAND_BM1=0 LORAMUX_LORA_REDUCE_PARTIALS=0"
+step 170 python -m pytest -q -m gpu tests/test_lora_kernels_gpu.py tests/test_lora_paths_gpu.py tests/test_engine_gpu.py \
+    -k "not bf16_logits" -p no:cacheprovider
+step 70 python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 0,1,32 --skip-hf --json "$OUT/p_new.json"
+step 45 env $OLD python -m $B.bench_gpu_vs_peft --shape llama3-8b --batch 32 --adapters 1,32 --skip-hf \
+    --json "$OUT/p_old.json"
+for bm in 64 32 16; do  # lora_meta.PREFILL_EXPAND_BM: registers per thread 224/118/72 (expand), 182/170/104 (+SiLU)
+    step 30 env LORAMUX_LORA_PREFILL_EXPAND_BM=$bm python -m $B.bench_prefill --shape llama3-8b --prompt-len 2048 \
+        --repeats 3 --json "$OUT/prefill_bm$bm.json"
+done
+step 200 python -m $B.bench_many_adapters --shape llama3-8b --adapters 1000 --ranks 8,16,32,64 --zipf 1.0 \
+    --max-loras 64 --max-cpu-loras 256 --max-cpu-lora-bytes 24000000000 --load 0.9 --duration 20 \
+    --saturation-seconds 10 --mixed-graphs on --json "$OUT/many.json"
+step 60 env LORAMUX_LORA_PREFILL_EXPAND_BM=16 python -m $B.bench_prefill --shape llama3-8b --prompt-len 2048 \
+    --repeats 2 --profile
 fi
 if [ "$PART" = s10 ]; then  # the call after s9: where the 2048-token prefill's LoRA time goes (kernel table by
     # category without and with an adapter, never run before), 1,000 adapters with slot copies issued while a step's

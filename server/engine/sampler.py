@@ -13,7 +13,6 @@ from loramux.server.engine.request import SamplingParams, TokenLogprob
 
 _EPS = 1e-5  # temperatures below this are greedy (as in vLLM)
 FUSED_SAMPLING_ENV = "LORAMUX_FUSED_SAMPLING"
-TOP_P_SEARCH_ENV = "LORAMUX_TOP_P_SEARCH"  # experimental, off: top-p bounds by kernels/top_p_triton.py, no sort
 
 
 @dataclass(slots=True)
@@ -40,11 +39,6 @@ def _fused_argmax(x: torch.Tensor, meta: torch.Tensor, thr: torch.Tensor) -> tor
     return gumbel_argmax(x.contiguous(), meta, thr.squeeze(1))
 
 
-def _top_p_search(x: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
-    from loramux.kernels.top_p_triton import top_p_threshold
-    return top_p_threshold(x.contiguous(), meta[:, 2])
-
-
 def _valid(ids: torch.Tensor, vocab: int) -> torch.Tensor:
     return ids[(ids >= 0) & (ids < vocab)]
 
@@ -62,7 +56,6 @@ class Sampler:
         # still come from torch's topk / sort. "auto" (default) = on CUDA, "on" = also on CPU (TRITON_INTERPRET=1
         # tests), "off" = torch only.
         self.fused = fused or env_mode(FUSED_SAMPLING_ENV)
-        self.top_p_search = env_mode(TOP_P_SEARCH_ENV, "off") == "on"  # fused rows with top-p but no top-k
         self._arange: dict[torch.device, torch.Tensor] = {}
         self._cache: dict[int, tuple[list[int], int, torch.Tensor]] = {}  # id(list) -> (list, len, CPU ids)
 
@@ -204,10 +197,9 @@ class Sampler:
             return _fused_argmax(x, meta, thr)
         x = x / meta[:, 1:2].float()
         ids = None
-        search = fused and use_p and not kmax and self.top_p_search
         if kmax and all(ks):  # every row has top-k: only the kmax best candidates can be chosen
             vals, ids = x.topk(kmax, dim=-1)
-        elif use_p and not search:
+        elif use_p:
             vals, ids = x.sort(dim=-1, descending=True, stable=True)
         else:
             vals = x
@@ -217,9 +209,7 @@ class Sampler:
             kt = meta[:, 4:5].long()
             kvals = vals if srt else x.topk(kmax, dim=-1).values
             thr = kvals.gather(1, (kt - 1).clamp_(min=0)).masked_fill_(kt == 0, -math.inf)
-        if search:  # the same bound as below, by a search over the row instead of a sort and a scan
-            thr = _top_p_search(x, meta)
-        elif use_p:  # keep the smallest prefix (best first) whose probability mass reaches top_p
+        if use_p:  # keep the smallest prefix (best first) whose probability mass reaches top_p
             ps = meta[:, 2:3].float()
             probs = (vals if thr is None else vals.masked_fill(vals < thr, -math.inf)).softmax(-1)
             keep = ((probs.cumsum(-1) - probs) < ps) | (ps >= 1.0)

@@ -13,22 +13,9 @@ from loramux.kernels.lora_layout import b_block
 from loramux.server.models.layers import LoRAStacks
 from loramux.server.models.llama import LORA_TARGETS
 from loramux.server.runner.pinned_staging import PinnedStaging
+from loramux.server.runner.slot_copy import SlotCopy
 
 _LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
-
-
-class _Copy:
-    """One slot's copy in flight: staged (pageable packed adapters, on the copy thread), issued, done when its
-    event has completed."""
-
-    def __init__(self, adapter, after: torch.cuda.Event):
-        self.adapter, self.after = adapter, after  # the adapter stays referenced until its copy has completed
-        self.staged: Future | None = None  # -> (pinned buffer, packed adapter over it) or (None, None)
-        self.issued: Future | None = None
-        self.done = torch.cuda.Event(enable_timing=True)
-        self.start = torch.cuda.Event(enable_timing=True)
-        self.keep: list[torch.Tensor] = []  # host staging tensors of this copy
-        self.times = {"start": time.perf_counter()}  # + "staged", "issued" (host clock; LoRASlots.copy_trace)
 
 
 class LoRASlots:
@@ -38,8 +25,8 @@ class LoRASlots:
     slot. `table` maps ids to slots. Holding every layer in one tensor lets a packed adapter (adapters.packed)
     land with one strided copy per module.
 
-    On CUDA, start_load() issues the copies on a separate stream, after the work already queued on the compute
-    stream (from the caller's thread for a pinned packed adapter, else from a worker thread), and records an
+    On CUDA, start_load() issues the copies on a separate stream, after the queued steps that read the slot
+    (note_use; from the caller's thread for a pinned packed adapter, else from a worker thread), and records an
     event; ready(slot) polls it (never blocks). On CPU (or with async_copies=False) start_load() copies at once
     and the slot is ready when it returns."""
 
@@ -62,7 +49,7 @@ class LoRASlots:
         self.nbytes = sum(st.a.nbytes + st.b.nbytes for st in self.stacks.values())
         self._meta: LoRAMeta | None = None
         self.async_copies = self.device.type == "cuda" if async_copies is None else async_copies
-        self._inflight: dict[int, _Copy] = {}
+        self._inflight: dict[int, SlotCopy] = {}
         self._lock = threading.Lock()
         self._stream = self._pool = None
         self._staging = None
@@ -75,6 +62,15 @@ class LoRASlots:
         self.copy_seconds = {"staging": 0.0, "issue": 0.0, "device": 0.0}
         # per completed async copy, host seconds from start_load to staged / issued / seen done, and its device time
         self.copy_trace: deque[dict[str, float]] = deque(maxlen=4096)
+        self.last_use: dict[int, torch.cuda.Event] = {}  # slot -> recorded after the last queued step reading it
+
+    def note_use(self, token_slots: list[int]) -> None:
+        """After queueing a step whose tokens use these slots (-1 = none; async copies only): later copies into
+        them wait for this step."""
+        if self.async_copies:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+            self.last_use.update(dict.fromkeys(set(token_slots) - {-1}, event))
 
     def slot_of(self, adapter_id: str) -> int:
         slot = self.table.lookup(adapter_id)
@@ -94,9 +90,9 @@ class LoRASlots:
             self._write(slot, adapter, None)
             self.last_copy_seconds = time.perf_counter() - t0
             return
-        after = torch.cuda.Event()
-        after.record(torch.cuda.current_stream(self.device))  # steps already queued may still read the old slot
-        copy = _Copy(adapter, after)
+        # Queued steps that read the old contents: only those of self.last_use, not all the queued work, so a copy
+        # into a slot idle for a step or more runs beside the step in flight instead of after it.
+        copy = SlotCopy(adapter, self.last_use.get(slot))
         packed = getattr(adapter, "packed", None)
         if packed is not None and self._fits(packed):
             # ~22 non-blocking copies from page-locked memory are issued on this (the engine) thread, in well under
@@ -151,13 +147,14 @@ class LoRASlots:
             except Exception as exc:  # reported by ready(), like a failure on the copy thread
                 copy.issued.set_exception(exc)
 
-    def _issue(self, slot: int, copy: _Copy, staged=None, buf=None) -> None:
+    def _issue(self, slot: int, copy: SlotCopy, staged=None, buf=None) -> None:
         """Queue the copies on the copy stream after the steps queued when the load started; a staged (pinned)
         packed adapter as ~22 strided copies, anything else tensor by tensor."""
         t0 = copy.times["issued"] = time.perf_counter()
         try:
             with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
-                self._stream.wait_event(copy.after)
+                if copy.after is not None:
+                    self._stream.wait_event(copy.after)
                 copy.start.record(self._stream)
                 if staged is not None:
                     self._write_packed(slot, staged, True)

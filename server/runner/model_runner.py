@@ -200,6 +200,8 @@ class ModelRunner:
         else:
             hidden = self.model(input_ids, ctx, self.kv_caches)
             logits = self.model.compute_logits(hidden[ctx.logits_indices]) if sample_idx else None
+        if host[7] is not None:  # a later copy into one of these slots waits for this step (LoRASlots.last_use)
+            self.lora_slots.note_use(host[7])
         if self.sync_timing and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.last_forward_s = time.perf_counter() - t0  # see finish()
