@@ -66,6 +66,22 @@ def test_cuda_graphs_equal_eager(world, tmp_path):
     assert graphs == eager
 
 
+def test_step_device_times_by_path(world, tmp_path):
+    """ModelRunner.step_times (the many-adapter bench's per-path step times): every sampled step's device time is
+    recorded under its path, positive, and recording does not change the tokens."""
+    base, adapters = world
+    names = (list(adapters) + [None] * 10)[:10]
+    prompts = _workload()
+    plain = run_all(_engine(base, adapters, tmp_path / "p", "cuda", torch.bfloat16, True), prompts, GREEDY,
+                    adapters=names)
+    engine = _engine(base, adapters, tmp_path / "t", "cuda", torch.bfloat16, True)
+    engine.runner.step_times = {}
+    assert run_all(engine, prompts, GREEDY, adapters=names) == plain
+    times = engine.runner.step_times
+    assert set(times) <= set(engine.runner.step_kinds) and len(times.get("decode_graph", [])) >= 5, times
+    assert all(t > 0 for v in times.values() for t in v)
+
+
 def test_async_decode_equals_sync(world, tmp_path, monkeypatch):
     """Decode steps launched one ahead from the device-side tokens (LORAMUX_ASYNC_DECODE=1, the CUDA default), CUDA
     graphs on: the same tokens as the synchronous engine (no stop tokens, so both run the same batches), greedy and

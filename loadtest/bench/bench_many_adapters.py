@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -99,11 +100,13 @@ def saturation_rate(engine, args, pick_adapter, vocab: int, seconds: float = 20.
     diag = dict.fromkeys(("steps", "empty_steps", "requests", "step_s", "model_s"), 0.0)
     copies0, ahead0, kinds0 = dict(getattr(slots, "copy_seconds", {})), engine.steps_launched_ahead, \
         dict(engine.runner.step_kinds)
+    engine.runner.step_times = {}  # device ms per step by path (CUDA)
     while time.perf_counter() - t0 < warm + seconds:
         if warm and time.perf_counter() - t0 >= warm:
             warm, done, tokens, t0 = 0.0, 0, 0, time.perf_counter()
             diag, copies0, ahead0, kinds0 = dict.fromkeys(diag, 0.0), dict(getattr(slots, "copy_seconds", {})), \
                 engine.steps_launched_ahead, dict(engine.runner.step_kinds)
+            engine.runner.step_times = {}
         while len(engine.requests) < args.max_num_seqs:
             engine.add_request(f"s{n}-{t0}", [rng.randrange(1, vocab) for _ in range(args.prompt_len)], params,
                                pick_adapter(rng))
@@ -122,6 +125,10 @@ def saturation_rate(engine, args, pick_adapter, vocab: int, seconds: float = 20.
           f"{diag['requests'] / max(diag['steps'], 1):.1f} requests per step, step time {diag['step_s']:.2f} s "
           f"(model {diag['model_s']:.2f} s), {engine.steps_launched_ahead - ahead0} launched ahead; launches by path {kinds}; "
           f"slot-copy seconds {copies}", flush=True)
+    times, engine.runner.step_times = engine.runner.step_times, None
+    if times:  # from the previous step's end to this one's on the device: includes any wait for the host's launch
+        print("  device ms per sampled step by path (count, p50, mean): " + ", ".join(
+            f"{k} ({len(v)}, {statistics.median(v):.2f}, {statistics.fmean(v):.2f})" for k, v in times.items()))
     drain(engine)
     return done / wall, tokens / wall
 

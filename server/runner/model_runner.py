@@ -33,6 +33,7 @@ class Launched:
     tokens_dev: torch.Tensor | None = None  # [rows] int64 tokens picked on the device (Sampler.device_tokens)
     tokens_host: torch.Tensor | None = None  # pinned copy of tokens_dev (CUDA)
     event: object = None  # recorded behind that copy
+    timing: tuple | None = None  # (path, start event, end event) when ModelRunner.step_times is on (CUDA)
 
 
 class ModelRunner:
@@ -68,6 +69,7 @@ class ModelRunner:
         self.staging = HostStaging(self.device)  # the step's packed host buffers (pinned on CUDA)
         self.last_forward_s = 0.0  # see finish()
         self.step_kinds = {"decode_graph": 0, "mixed_graph": 0, "eager": 0}  # launches by path (benchmarks)
+        self.step_times: dict[str, list[float]] | None = None  # {} turns on: device ms per step, by path (CUDA)
         self.sync_timing = False  # engine benchmark: sync after the forward so last_forward_s is the forward alone
         self._tok_bufs: list[torch.Tensor | None] = [None, None]  # pinned targets of launch()'s device tokens
         self._tok_ring = 0
@@ -176,6 +178,10 @@ class ModelRunner:
         to the host (Launched.tokens_dev), so a next decode step can be launched from them before the host reads
         them. ids_from: a decode step's input ids are the tokens of that earlier launch (same requests, same
         order), not the host's placeholders."""
+        start = None
+        if self.step_times is not None and self.device.type == "cuda":  # queued behind the previous step's work
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
         host, sample_idx = self._host_and_broadcast(batch, False)
         n = len(batch.requests)
         # A decode step (one token per sequence) that fits a bucket replays a graph: its inputs go straight into the
@@ -191,7 +197,8 @@ class ModelRunner:
                 raise ValueError("ids_from needs a decode-graph or eager step")
             ids = self.graphs.inputs[staged[0]].ids if staged is not None else input_ids
             ids[:n].copy_(ids_from.tokens_dev[:n])
-        self.step_kinds["decode_graph" if staged is not None else "mixed_graph" if mixed is not None else "eager"] += 1
+        path = "decode_graph" if staged is not None else "mixed_graph" if mixed is not None else "eager"
+        self.step_kinds[path] += 1
         t0 = time.perf_counter()
         if staged is not None:
             logits = self.graphs.replay(*staged, n)  # every row is sampled
@@ -211,6 +218,9 @@ class ModelRunner:
             rows.append(SampleRow(req.params, req.seed, len(req.output_token_ids), req.prompt_token_ids,
                                   req.output_token_ids))
         out = Launched([batch.requests[i].request_id for i in sample_idx], logits, rows, t0, mixed is None)
+        if start is not None:
+            out.timing = (path, start, torch.cuda.Event(enable_timing=True))
+            out.timing[2].record()
         if device_tokens and rows and all(Sampler.host_free(r.params) for r in rows):
             out.tokens_dev = self.sampler.device_tokens(logits, rows)
             if self.device.type == "cuda":  # the host copy starts now; finish() waits for its event only
@@ -248,6 +258,10 @@ class ModelRunner:
             tokens, logprobs = result.token_ids, result.logprobs
         if not self.sync_timing and self.device.type == "cuda":
             self.last_forward_s = time.perf_counter() - launched.t0
+        if launched.timing is not None:
+            path, start, end = launched.timing
+            end.synchronize()  # already done: recorded before the tokens' copy
+            self.step_times.setdefault(path, []).append(start.elapsed_time(end))
         return dict(zip(launched.request_ids, zip(tokens, logprobs)))
 
     @torch.inference_mode()
