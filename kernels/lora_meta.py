@@ -36,7 +36,7 @@ def expand_block_m(T: int) -> int:
     """Token rows per tile of the expand kernels (EXPAND_BM1: one at decode sizes)."""
     if EXPAND_BM1 and T <= BM1_MAX_T:
         return 1
-    return min(PREFILL_EXPAND_BM, 64) if T > 256 else block_m(T)
+    return PREFILL_EXPAND_BM if T > 256 else block_m(T)
 
 
 def expand_tiles(T: int, groups: int) -> int:
