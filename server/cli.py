@@ -143,10 +143,14 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 def _check_switches() -> None:
     """The on/off/auto environment switches read deep in the engine, checked before the model loads: a typo is a
     one-line error and exit 2, not a traceback minutes later."""
+    from loramux.server.models.model_config import ModelLoadError
+
+    bm = os.environ.get("LORAMUX_LORA_PREFILL_EXPAND_BM", "64")  # read when the kernels are imported (below)
+    if bm not in ("16", "32", "64"):
+        raise ModelLoadError(f"LORAMUX_LORA_PREFILL_EXPAND_BM={bm!r}; expected 16, 32 or 64")
     from loramux.kernels.backend import env_mode
     from loramux.server.engine.engine import ASYNC_DECODE_ENV
     from loramux.server.engine.sampler import FUSED_SAMPLING_ENV
-    from loramux.server.models.model_config import ModelLoadError
 
     for name in (ASYNC_DECODE_ENV, FUSED_SAMPLING_ENV):
         try:
@@ -161,7 +165,6 @@ def serve(config: ServerConfig) -> int:
     from loramux.server.api.auth import KeyFileError, KeyStore
     from loramux.server.api.serving import build_server
     from loramux.server.models.model_config import ModelLoadError
-    from loramux.server.runtime import Runtime
 
     log = logging.getLogger("loramux")
     # Loading a large model takes a while: a SIGTERM then (e.g. a pod deleted during start-up) exits at once
@@ -171,6 +174,8 @@ def serve(config: ServerConfig) -> int:
     try:
         try:
             _check_switches()
+            from loramux.server.runtime import Runtime  # after the check: importing the kernels reads switches
+
             keys = KeyStore.from_file(config.api_keys) if config.api_keys is not None else None
             if config.tensor_parallel_size < 1:
                 raise ModelLoadError("--tensor-parallel-size must be at least 1")

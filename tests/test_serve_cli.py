@@ -84,11 +84,14 @@ def test_lora_path_switches_default_on(monkeypatch, env, want):
     assert _switch("LORAMUX_TEST_SWITCH") is want
 
 
-def test_switch_typo_is_a_clear_startup_error(tmp_path):
-    """A mistyped on/off/auto switch stops `loramux serve` before the model loads: exit 2, one line naming it."""
-    env = dict(os.environ, LORAMUX_FUSED_SAMPLING="ture", HOME=str(tmp_path))
+@pytest.mark.parametrize("name, value, message", [
+    ("LORAMUX_FUSED_SAMPLING", "ture", "LORAMUX_FUSED_SAMPLING='ture'; expected 1/on, 0/off or auto"),
+    ("LORAMUX_LORA_PREFILL_EXPAND_BM", "48", "LORAMUX_LORA_PREFILL_EXPAND_BM='48'; expected 16, 32 or 64")])
+def test_switch_typo_is_a_clear_startup_error(tmp_path, name, value, message):
+    """A mistyped switch stops `loramux serve` before the model loads: exit 2, one line naming it."""
+    env = dict(os.environ, HOME=str(tmp_path), **{name: value})
     p = subprocess.run([sys.executable, "-m", "loramux.server.cli", "serve", "--port", str(free_port())], env=env,
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2, p.stderr[-2000:]
-    assert "LORAMUX_FUSED_SAMPLING='ture'; expected 1/on, 0/off or auto" in p.stderr
+    assert message in p.stderr
     assert "Traceback" not in p.stderr
