@@ -186,3 +186,28 @@ def test_copy_waits_only_for_steps_that_read_its_slot(world, fake_cuda):
     load(2, ads[2])
     assert waited == [step_a, step_b] and step_a is not step_b
     slots.close()
+
+
+def test_each_step_reports_the_slots_it_reads(tmp_path):
+    """ModelRunner.launch hands every step's adapter slots to LoRASlots.note_use (what a later copy into one of
+    them waits for); steps without adapter tokens report nothing."""
+    from adapters_world import peft_world
+    from loramux.server.engine.request import SamplingParams
+    from test_many_adapters import _engine
+
+    base, adapters = peft_world(tmp_path / "w", "llama", seed=3)
+    ids = {f"ad{i}": path for i, path in enumerate(adapters.values())}
+    engine, svc = _engine(base, tmp_path / "reg", ids, 2, 4)
+    slots, seen = engine.runner.lora_slots, []
+    slots.note_use = lambda token_slots: seen.append((sorted(set(token_slots)), slots.slot_of("ad0")))
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    engine.add_request("plain", [1, 2, 3], params, None)
+    engine.step()
+    assert seen == []  # no adapter token in the step
+    engine.add_request("a", [1, 2, 3], params, "ad0")
+    engine.add_request("b", [4, 5], params, None)
+    deadline = time.monotonic() + 60
+    while engine.has_work():
+        assert time.monotonic() < deadline
+        engine.step()
+    assert seen and all(used in ([-1, ad0], [ad0]) and ad0 >= 0 for used, ad0 in seen), seen
