@@ -148,8 +148,8 @@ class LoRASlots:
                 copy.issued.set_exception(exc)
 
     def _issue(self, slot: int, copy: SlotCopy, staged=None, buf=None) -> None:
-        """Queue the copies on the copy stream after the steps queued when the load started; a staged (pinned)
-        packed adapter as ~22 strided copies, anything else tensor by tensor."""
+        """Queue the copies on the copy stream after the last queued step that reads the slot (copy.after); a
+        staged (pinned) packed adapter as ~22 strided copies, anything else tensor by tensor."""
         t0 = copy.times["issued"] = time.perf_counter()
         try:
             with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
