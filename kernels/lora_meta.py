@@ -22,9 +22,10 @@ BM1_MAX_T = 64
 # Experimental (default 64 = as measured): token rows per expand tile above 256 tokens. At 64 rows the prefill
 # expands compile to 182-238 registers per thread on sm_90 (tests/sm90_compile.py), so an SM holds only 8 warps of
 # a memory-bound kernel: the 2048-token profile has the fused gate|up expand at 3x the SiLU*mul it replaces.
-PREFILL_EXPAND_BM = int(os.environ.get("LORAMUX_LORA_PREFILL_EXPAND_BM", "64"))
-if PREFILL_EXPAND_BM not in (16, 32, 64):
-    raise ValueError(f"LORAMUX_LORA_PREFILL_EXPAND_BM={PREFILL_EXPAND_BM}; expected 16, 32 or 64")
+_bm = os.environ.get("LORAMUX_LORA_PREFILL_EXPAND_BM", "64")
+if _bm not in ("16", "32", "64"):  # `loramux serve` turns this into a one-line start-up error (cli._check_switches)
+    raise ValueError(f"LORAMUX_LORA_PREFILL_EXPAND_BM={_bm!r}; expected 16, 32 or 64")
+PREFILL_EXPAND_BM = int(_bm)
 
 
 def block_m(T: int) -> int:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import signal
@@ -145,9 +146,10 @@ def _check_switches() -> None:
     one-line error and exit 2, not a traceback minutes later."""
     from loramux.server.models.model_config import ModelLoadError
 
-    bm = os.environ.get("LORAMUX_LORA_PREFILL_EXPAND_BM", "64")  # read when the kernels are imported (below)
-    if bm not in ("16", "32", "64"):
-        raise ModelLoadError(f"LORAMUX_LORA_PREFILL_EXPAND_BM={bm!r}; expected 16, 32 or 64")
+    try:  # the LoRA kernels' settings are read when they are imported
+        importlib.import_module("loramux.kernels.lora_meta")
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from exc
     from loramux.kernels.backend import env_mode
     from loramux.server.engine.engine import ASYNC_DECODE_ENV
     from loramux.server.engine.sampler import FUSED_SAMPLING_ENV

@@ -1,5 +1,6 @@
-"""LORAMUX_LORA_TILE_TABLE (on by default): the per-step tile table (kernels/lora_meta.py) lists exactly the tiles the kernels'
-in-kernel numbering finds, and the expand kernels reading it stay correct (Triton interpreter, subprocess)."""
+"""LORAMUX_LORA_TILE_TABLE (on by default): the per-step tile table (kernels/lora_meta.py) lists exactly the tiles
+the kernels' in-kernel numbering finds, and the expand kernels reading it stay correct (Triton interpreter,
+subprocess)."""
 import os
 
 import pytest
